@@ -1,0 +1,1 @@
+"""Building blocks (attention family, token merging, MLPs) used by the ev models."""

@@ -1,0 +1,1 @@
+"""ev models, registered with timm on import."""

@@ -1,0 +1,1 @@
+"""Self-supervised (contrastive) pre-training core."""
