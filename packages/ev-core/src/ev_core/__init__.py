@@ -11,7 +11,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-from ev_core import models  # noqa: E402  (registers the ev models with timm)
-from ev_core.registry import get_model_config, list_ev_models  # noqa: E402
+from ev_core import models
+from ev_core.registry import get_model_config, list_ev_models
 
 __all__ = ["__version__", "get_model_config", "list_ev_models", "models"]

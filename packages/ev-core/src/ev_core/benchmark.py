@@ -252,9 +252,7 @@ class BenchmarkSuite:
             "suite": self.name,
             "metadata": meta,
             "notes": self.notes,
-            "rows": [
-                {**r.__dict__, "throughput": r.throughput} for r in self.rows
-            ],
+            "rows": [{**r.__dict__, "throughput": r.throughput} for r in self.rows],
         }
 
     def write_json(self, path: str | os.PathLike[str] | None = None) -> Path:

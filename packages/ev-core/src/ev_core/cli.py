@@ -30,7 +30,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root(quiet: QuietOption = False) -> None:
     if quiet:
@@ -48,7 +47,9 @@ def make_package_app(distribution: str, help: str) -> typer.Typer:
         distribution: the package's distribution name (e.g. ``"ev-reid"``).
         help: one-line description shown by ``--help``.
     """
-    package_app = typer.Typer(name=distribution, help=help, no_args_is_help=True, add_completion=False)
+    package_app = typer.Typer(
+        name=distribution, help=help, no_args_is_help=True, add_completion=False
+    )
 
     @package_app.callback()
     def _package_root(quiet: QuietOption = False) -> None:

@@ -51,4 +51,3 @@ def progress(
         dynamic_ncols=True,
         **kwargs,
     )
-
