@@ -110,9 +110,7 @@ def _uv_env() -> dict[str, str]:
         if key.endswith("find-links"):
             find_links += [v for v in values if Path(v.removeprefix("file://")).is_dir()]
         elif key.endswith("extra-index-url"):
-            indexes += [
-                v for v in values if v.startswith("file://") and Path(v[7:]).is_dir()
-            ]
+            indexes += [v for v in values if v.startswith("file://") and Path(v[7:]).is_dir()]
     if find_links:
         env["UV_FIND_LINKS"] = " ".join(find_links)
     if indexes:
@@ -201,7 +199,9 @@ def _skip_unrunnable(session: nox.Session, torch_id: str) -> None:
 def _pytest(session: nox.Session, *paths: str) -> None:
     args = ["pytest", *paths, "-p", "no:cacheprovider", "--rootdir", str(ROOT)]
     args += ["-c", str(ROOT / "pyproject.toml"), *session.posargs]
-    session.run(*args, env={"EV_QUIET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    session.run(
+        *args, env={"EV_QUIET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from ev_core.cli import make_package_app
 
-app = make_package_app("ev-adapt", "Semi-supervised domain adaptation: MCL (multi-level consistency learning).")
+app = make_package_app(
+    "ev-adapt", "Semi-supervised domain adaptation: MCL (multi-level consistency learning)."
+)
 
 
 def main() -> None:

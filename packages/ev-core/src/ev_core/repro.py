@@ -32,7 +32,7 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> int:
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002  (seeding the legacy global RNG is the point)
+    np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     os.environ["PYTHONHASHSEED"] = str(seed)
     if deterministic:

@@ -17,7 +17,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...]
+) -> None:
     os.environ.update(
         {
             "MASTER_ADDR": "127.0.0.1",

@@ -64,9 +64,6 @@ class BaseTester:
     ) -> bool:
         """``torch.autograd.gradcheck`` in float64; floating inputs are cast and require grad."""
         prepared = tuple(
-            t.detach().double().requires_grad_(True) if t.is_floating_point() else t
-            for t in inputs
+            t.detach().double().requires_grad_(True) if t.is_floating_point() else t for t in inputs
         )
-        return bool(
-            torch.autograd.gradcheck(fn, prepared, eps=eps, atol=atol, rtol=rtol, **kwargs)
-        )
+        return bool(torch.autograd.gradcheck(fn, prepared, eps=eps, atol=atol, rtol=rtol, **kwargs))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from ev_core.cli import make_package_app
 
-app = make_package_app("ev-video", "Video: decord loaders, STPT temporal action detection, THUMOS14 evaluation.")
+app = make_package_app(
+    "ev-video", "Video: decord loaders, STPT temporal action detection, THUMOS14 evaluation."
+)
 
 
 def main() -> None:
