@@ -111,10 +111,11 @@ def _uv_env() -> dict[str, str]:
             find_links += [v for v in values if Path(v.removeprefix("file://")).is_dir()]
         elif key.endswith("extra-index-url"):
             indexes += [v for v in values if v.startswith("file://") and Path(v[7:]).is_dir()]
+    find_links, indexes = list(dict.fromkeys(find_links)), list(dict.fromkeys(indexes))
     if find_links:
-        env["UV_FIND_LINKS"] = " ".join(find_links)
+        env["UV_FIND_LINKS"] = ",".join(find_links)  # uv: comma-separated
     if indexes:
-        env["UV_EXTRA_INDEX_URL"] = " ".join(indexes)
+        env["UV_EXTRA_INDEX_URL"] = " ".join(indexes)  # uv: space-separated
     if find_links or indexes:
         # local copies of e.g. torch compete with PyPI's: pick the best version anywhere
         env["UV_INDEX_STRATEGY"] = "unsafe-best-match"
@@ -269,7 +270,13 @@ def build(session: nox.Session) -> None:
             "uv", "build", "--quiet", "--out-dir", str(dist / name), str(pkg["dir"]),
             external=True, env=_uv_env(),
         )  # fmt: skip
-    session.run("twine", "check", "--strict", *map(str, sorted(dist.glob("*/*"))))
+    session.run(
+        "twine",
+        "check",
+        "--strict",
+        *map(str, sorted(dist.glob("*/*.whl"))),
+        *map(str, sorted(dist.glob("*/*.tar.gz"))),
+    )
     problems = _check_wheel_metadata(dist)
     if problems:
         session.error("wheel metadata problems:\n  " + "\n  ".join(problems))
