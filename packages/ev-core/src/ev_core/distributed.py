@@ -199,4 +199,5 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if get_world_size() == 1:
         return tensor
-    return _AllGatherWithGrad.apply(tensor)  # type: ignore[no-any-return]
+    gathered: torch.Tensor = _AllGatherWithGrad.apply(tensor)
+    return gathered

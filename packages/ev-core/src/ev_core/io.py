@@ -72,4 +72,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Atomically write ``obj`` (converted by :func:`to_jsonable`) as indented JSON."""
     text = json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n"
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+    def write(p: Path) -> None:
+        p.write_text(text, encoding="utf-8")
+
+    return atomic_write(path, write)

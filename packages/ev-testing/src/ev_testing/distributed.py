@@ -32,8 +32,8 @@ def _load_function(path: str, name: str) -> Callable[..., Any]:
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
-    fn = getattr(module, name)
-    return fn  # type: ignore[no-any-return]
+    fn: Callable[..., Any] = getattr(module, name)
+    return fn
 
 
 def _worker(
