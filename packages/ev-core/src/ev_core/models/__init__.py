@@ -1,1 +1,19 @@
-"""ev models, registered with timm on import."""
+"""ev models, registered with timm on import.
+
+* LIT: ``lit_ti`` (PVT-based), ``lit_s``, ``lit_m``, ``lit_b`` (Swin-based).
+* LITv2: ``litv2_s``, ``litv2_m``, ``litv2_b``.
+"""
+
+from ev_core.models._common import checkpoint_filter_fn
+from ev_core.models.lit import LIT, LITConfig, LITTi, LITTiConfig
+from ev_core.models.litv2 import LITv2, LITv2Config
+
+__all__ = [
+    "LIT",
+    "LITConfig",
+    "LITTi",
+    "LITTiConfig",
+    "LITv2",
+    "LITv2Config",
+    "checkpoint_filter_fn",
+]

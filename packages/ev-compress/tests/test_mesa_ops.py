@@ -1,0 +1,230 @@
+"""Each Mesa op: exact forward, exact backward on exactly representable inputs (gradcheck),
+bounded backward error on random inputs against the op's own fp32 backward."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ev_testing import BaseTester
+from torch import Tensor, nn
+
+from ev_compress import mesa
+from ev_compress.mesa.quant import Layout
+
+
+class Call(nn.Module):
+    """A module whose forward is a functional call (what timm/ev blocks do inline)."""
+
+    def __init__(self, fn: Callable[..., Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Tensor) -> Tensor:
+        return self.fn(*args)
+
+
+def grid(shape: tuple[int, ...], layout: Layout, seed: int) -> Tensor:
+    """float64 values that 8-bit per-group quantisation reproduces exactly: every group holds
+    integer codes 0..255 (0 and 255 present) times a power-of-two step plus an offset."""
+    g = torch.Generator().manual_seed(seed)
+    gl = mesa.make_layout(shape, layout)
+    pre, groups, rest = gl.view_shape(shape)
+    codes = torch.randint(0, 256, (pre, groups, rest), generator=g).double()
+    codes[0, :, 0] = 0
+    codes[-1, :, -1] = 255
+    step = 2.0 ** -torch.randint(5, 9, (groups,), generator=g).double()
+    offset = torch.randint(-300, 300, (groups,), generator=g).double() * step
+    return (codes * step[None, :, None] + offset[None, :, None]).reshape(shape)
+
+
+EXACT = mesa.MesaPolicy(momentum=0.0, stochastic_rounding=False)
+
+
+def _gradcheck(fn: Callable[..., Tensor], *inputs: Tensor) -> None:
+    module = mesa.convert(Call(fn), EXACT)
+    assert BaseTester.gradcheck(module, inputs, atol=1e-7, rtol=1e-5, fast_mode=True)
+    assert mesa.summary(module).slots, "the op was not compressed"
+
+
+def test_gradcheck_linear() -> None:
+    _gradcheck(F.linear, grid((2, 3, 16), "channels", 0), torch.randn(5, 16), torch.randn(5))
+
+
+def test_gradcheck_conv() -> None:
+    w = torch.randn(4, 2, 3, 3)
+    _gradcheck(
+        lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1, groups=2),
+        grid((2, 4, 5, 5), "channels", 1),
+        w,
+        torch.randn(4),
+    )
+    _gradcheck(
+        lambda x, w: F.conv1d(x, w, padding="same"), grid((2, 2, 7), "channels", 2), w[..., 0]
+    )
+
+
+def test_gradcheck_layer_norm() -> None:
+    _gradcheck(
+        lambda x, w, b: F.layer_norm(x, (16,), w, b, 1e-6),
+        grid((2, 3, 16), "channels", 3),
+        torch.randn(16),
+        torch.randn(16),
+    )
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_batch_norm(training: bool) -> None:
+    rm, rv = torch.randn(4).double(), torch.rand(4).double() + 0.5
+    _gradcheck(
+        lambda x, w, b: F.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training),
+        grid((3, 4, 2, 3), "dim1", 4),
+        torch.randn(4),
+        torch.randn(4),
+    )
+
+
+@pytest.mark.parametrize(
+    "fn", [F.gelu, lambda x: F.gelu(x, approximate="tanh"), F.silu], ids=["gelu", "tanh", "silu"]
+)
+def test_gradcheck_activations(fn: Callable[[Tensor], Tensor]) -> None:
+    _gradcheck(fn, grid((2, 3, 16), "channels", 5))
+
+
+def test_gradcheck_matmul() -> None:
+    _gradcheck(
+        lambda a, b: a @ b.transpose(-2, -1),
+        grid((2, 3, 4, 5), "heads", 6),
+        grid((2, 3, 6, 5), "heads", 7),
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_sdpa(causal: bool) -> None:
+    q, k, v = (grid((1, 2, 4, 3), "heads", s) for s in (8, 9, 10))
+    if causal:
+        _gradcheck(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v)
+    else:  # with a learnable additive bias (relative position bias) broadcast over the batch
+        _gradcheck(
+            lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3),
+            q,
+            k,
+            v,
+            torch.randn(2, 4, 4),
+        )
+
+
+def _relative_errors(
+    module: nn.Module, inputs: list[Tensor], seed: int = 0
+) -> tuple[bool, dict[str, float]]:
+    """Forward equality and relative gradient errors of a converted copy vs the original."""
+    ref = module
+    conv = mesa.convert(copy.deepcopy(module))
+    xs_ref = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    xs_mesa = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    torch.manual_seed(seed)
+    out_ref = ref(*xs_ref)
+    torch.manual_seed(seed)
+    out_mesa = conv(*xs_mesa)
+    equal = torch.equal(out_ref, out_mesa)
+    g = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(seed + 1))
+    out_ref.backward(g)
+    out_mesa.backward(g)
+    errors = {}
+    pairs = [(f"input{i}", a.grad, b.grad) for i, (a, b) in enumerate(zip(xs_ref, xs_mesa))]
+    pairs += [
+        (n, p.grad, q.grad)
+        for (n, p), q in zip(ref.named_parameters(), conv.parameters(), strict=True)
+    ]
+    for name, a, b in pairs:
+        if a is not None:
+            assert b is not None
+            errors[name] = float((a - b).norm() / a.norm())
+    return equal, errors
+
+
+def _attn_logits() -> Tensor:
+    return torch.randn(2, 3, 12, 12) * 3
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], list[Tensor]], float]] = {
+    "linear": (lambda: nn.Linear(32, 24), lambda: [torch.randn(4, 10, 32)], 0.03),
+    "conv": (
+        lambda: nn.Conv2d(8, 6, 3, stride=2, padding=1, groups=2),
+        lambda: [torch.randn(2, 8, 9, 9)],
+        0.03,
+    ),
+    "conv_same": (
+        lambda: nn.Conv2d(8, 6, 3, padding="same"),
+        lambda: [torch.randn(2, 8, 9, 9)],
+        0.03,
+    ),
+    "layer_norm": (lambda: nn.LayerNorm(32), lambda: [torch.randn(4, 10, 32) * 2 + 1], 0.03),
+    "batch_norm": (lambda: nn.BatchNorm2d(8), lambda: [torch.randn(4, 8, 5, 5)], 0.03),
+    "gelu": (nn.GELU, lambda: [torch.randn(4, 10, 32) * 2], 0.03),
+    "silu": (nn.SiLU, lambda: [torch.randn(4, 10, 32) * 2], 0.03),
+    # softmax outputs are heavy-tailed: one range per head leaves few codes for small values
+    "softmax": (lambda: nn.Softmax(dim=-1), lambda: [_attn_logits()], 0.1),
+    "matmul": (
+        lambda: Call(lambda a, b: a @ b.transpose(-2, -1)),
+        lambda: [torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 8)],
+        0.03,
+    ),
+    "sdpa": (
+        lambda: Call(lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
+        lambda: [torch.randn(2, 3, 12, 8) * 2, torch.randn(2, 3, 12, 8) * 2, torch.randn(2, 3, 12, 8)],
+        0.05,
+    ),
+    "sdpa_dropout": (
+        lambda: Call(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)),
+        lambda: [torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 8), torch.randn(2, 3, 12, 8)],
+        0.05,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_backward_error_bounds(name: str) -> None:
+    make, inputs, bound = CASES[name]
+    torch.manual_seed(0)
+    equal, errors = _relative_errors(make(), inputs())
+    assert equal, "forward output is not bit-identical"
+    assert errors and max(errors.values()) < bound, errors
+    assert min(errors.values()) >= 0.0
+
+
+def test_relu_mask_is_lossless() -> None:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(16, 16), nn.ReLU(inplace=True), Call(torch.relu))
+    equal, errors = _relative_errors(module, [torch.randn(4, 16)])
+    # the 1-bit mask is exact: only the linear input is quantised (weight gradient)
+    assert equal and errors["input0"] == 0.0 and errors["0.bias"] == 0.0
+    assert errors["0.weight"] < 0.03
+
+
+def test_passthrough_without_grad_and_for_broadcast_matmul() -> None:
+    module = mesa.convert(Call(lambda a, b: torch.softmax(a @ b, dim=-1)))
+    a, b = torch.randn(2, 3, 4, 5), torch.randn(5, 4)  # broadcasting matmul: left alone
+    with torch.no_grad():
+        module(a, b)
+    assert not mesa.summary(module).slots and not list(module.buffers())
+    module(a.requires_grad_(), b)
+    assert mesa.summary(module).counts() == {"softmax": 1}
+
+
+def test_bf16_autocast_ops_match() -> None:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 8))
+    conv = mesa.convert(copy.deepcopy(module))
+    x = torch.randn(6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, y_mesa = module(x), conv(x)
+    assert y_ref.dtype == torch.bfloat16 and torch.equal(y_ref, y_mesa)
+    y_ref.float().sum().backward()
+    y_mesa.float().sum().backward()
+    for p, q in zip(module.parameters(), conv.parameters(), strict=True):
+        assert q.grad is not None and q.grad.dtype == p.dtype
+        assert float((p.grad - q.grad).norm() / p.grad.norm()) < 0.05

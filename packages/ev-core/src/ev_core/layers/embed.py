@@ -1,0 +1,105 @@
+"""Patch embedding and the generic LIT-family transformer block.
+
+* :class:`PatchEmbed` -- ``p×p`` stride-``p`` conv + LayerNorm, images → tokens ``[B, N, C]``;
+  optionally pads right/bottom to a multiple of ``p`` (LITv2 at arbitrary sizes).
+* :class:`LITBlock` -- pre-norm residual block ``x + DropPath(attn(norm1(x)))`` (when it has an
+  attention) then ``x + DropPath(mlp(norm2(x)))``; LIT/LITv2 stages 1–2 have no attention (the
+  deformable token merging is their only token mixing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+__all__ = ["LITBlock", "PatchEmbed"]
+
+
+class PatchEmbed(nn.Module):
+    """Image → patch tokens: ``proj`` (Conv2d, kernel = stride = ``patch_size``) and ``norm``.
+
+    Args:
+        patch_size: patch side ``p``.
+        in_chans: image channels.
+        embed_dim: token channels.
+        norm_layer: normalisation on the tokens (``None`` for none).
+        pad: zero-pad images whose sides are not multiples of ``p`` (else raise).
+    """
+
+    def __init__(
+        self,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        norm_layer: Callable[[int], nn.Module] | None = nn.LayerNorm,
+        pad: bool = False,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.pad = pad
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = norm_layer(embed_dim) if norm_layer is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Args:
+            x: ``[B, C_in, H, W]`` images.
+
+        Returns:
+            ``([B, (H/p)·(W/p), C], (H/p, W/p))`` (sides rounded up when padding).
+        """
+        if x.dim() != 4:
+            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
+        p = self.patch_size
+        H, W = x.shape[-2:]
+        if H % p or W % p:
+            if not self.pad:
+                raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}")
+            x = F.pad(x, (0, (-W) % p, 0, (-H) % p))
+        x = self.proj(x)
+        B, C, h, w = x.shape
+        x = x.permute(0, 2, 3, 1).reshape(B, h * w, C)  # free for channels-last inputs
+        return self.norm(x), (h, w)
+
+
+class LITBlock(nn.Module):
+    """Pre-norm block with an optional attention: official names ``norm1``, ``attn``,
+    ``norm2``, ``mlp``.
+
+    Args:
+        dim: channels.
+        mlp: feed-forward module with ``forward(x, hw)``.
+        attn: attention module with ``forward(x, hw)``, or ``None`` (MLP-only block).
+        norm_layer: normalisation constructor.
+        drop_path: stochastic-depth rate.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mlp: nn.Module,
+        attn: nn.Module | None = None,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim) if attn is not None else None
+        self.attn = attn
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = mlp
+
+    def forward(self, x: Tensor, hw: tuple[int, int] | None) -> Tensor:
+        """Args:
+            x: ``[B, N, C]``.
+            hw: ``(H, W)`` of the token map (``None`` for token sets without one, e.g. with a
+                cls token; only global attention and plain MLPs accept that).
+
+        Returns:
+            ``[B, N, C]``.
+        """
+        if self.attn is not None and self.norm1 is not None:
+            x = x + self.drop_path(self.attn(self.norm1(x), hw))
+        return x + self.drop_path(self.mlp(self.norm2(x), hw))

@@ -1,0 +1,194 @@
+"""HiLo attention (LITv2), exactly as the official layer, with attention through SDPA.
+
+The ``h`` heads are split: ``h_lo = int(h·alpha)`` Lo-Fi heads and ``h_hi = h − h_lo`` Hi-Fi heads
+(head dim ``d = C/h``, ``D_lo = h_lo·d``, ``D_hi = h_hi·d``).
+
+* **Hi-Fi**: ``h_qkv`` (``C → 3·D_hi``), attention inside non-overlapping ``s×s`` windows,
+  ``h_proj`` (``D_hi → D_hi``).
+* **Lo-Fi**: queries ``l_q`` (``C → D_lo``) at every token; keys/values ``l_kv``
+  (``C → 2·D_lo``) from the **block input average-pooled** ``s×s`` (before projection);
+  global attention of every token over the ``N/s²`` pooled tokens; ``l_proj`` (``D_lo → D_lo``).
+* Output ``concat([Hi-Fi, Lo-Fi])`` (Hi-Fi channels first): no shared output projection.
+* ``window_size == 1``: every head is Lo-Fi and nothing is pooled -- plain global MSA under the
+  Lo-Fi parameter names (LITv2 stage 4).
+* Maps whose sides do not divide by ``s`` are zero-padded right/bottom (the official
+  detection/segmentation backbone): the pad tokens are keys/values of their Hi-Fi windows and
+  their zeros enter the Lo-Fi average pool; outputs are cropped back.
+
+Both branches attend through :func:`ev_core.layers.attention.attend` (SDPA when ``fused``,
+explicit maths otherwise).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ev_core.layers.attention import attend
+
+__all__ = ["HiLo", "hilo_macs"]
+
+
+def _split_heads(dim: int, num_heads: int, window_size: int, alpha: float) -> tuple[int, int]:
+    """``(h_lo, h_hi)`` of a HiLo layer (``window_size == 1``: all heads Lo-Fi)."""
+    if dim % num_heads != 0:
+        raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+    if window_size < 1:
+        raise ValueError(f"window_size must be >= 1, got {window_size}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if window_size == 1:
+        return num_heads, 0
+    h_lo = int(num_heads * alpha)
+    return h_lo, num_heads - h_lo
+
+
+def hilo_macs(
+    dim: int, num_heads: int, hw: tuple[int, int], window_size: int = 2, alpha: float = 0.5
+) -> int:
+    """Multiply-accumulates of one HiLo forward (per image), the LITv2 paper's formula.
+
+    With ``Np`` the padded token count and ``s`` the window size::
+
+        Hi-Fi = Np·C·3D_hi + (Np/s²)·s⁴·2D_hi + Np·D_hi²
+        Lo-Fi = Np·C·D_lo + (Np/s²)·C·2D_lo + 2·Np·(Np/s²)·D_lo + Np·D_lo²
+
+    (``window_size == 1``: no pooling, ``Np/s² = Np``). Pooling and softmax are not counted.
+
+    Args:
+        dim: channels ``C``.
+        num_heads: heads ``h``.
+        hw: ``(H, W)`` of the map (before padding).
+        window_size: ``s``.
+        alpha: Lo-Fi head fraction.
+
+    Returns:
+        MACs as an integer.
+    """
+    h_lo, h_hi = _split_heads(dim, num_heads, window_size, alpha)
+    d = dim // num_heads
+    d_lo, d_hi = h_lo * d, h_hi * d
+    s = window_size
+    H, W = hw
+    Hp, Wp = -(-H // s) * s, -(-W // s) * s
+    n = Hp * Wp
+    groups = n // (s * s)
+    hifi = 0
+    if h_hi > 0:
+        hifi = n * dim * 3 * d_hi + groups * s**4 * 2 * d_hi + n * d_hi * d_hi
+    lofi = 0
+    if h_lo > 0:
+        lofi = n * dim * d_lo + groups * dim * 2 * d_lo + 2 * n * groups * d_lo + n * d_lo * d_lo
+    return hifi + lofi
+
+
+class HiLo(nn.Module):
+    """HiLo attention; ``forward(x: [B, N, C], hw) -> [B, N, C]``.
+
+    Parameter names match the official checkpoints: ``h_qkv``, ``h_proj`` (only when there are
+    Hi-Fi heads), ``l_q``, ``l_kv``, ``l_proj`` (only when there are Lo-Fi heads).
+
+    Args:
+        dim: channels ``C``.
+        num_heads: total heads ``h``.
+        qkv_bias: bias on ``h_qkv``, ``l_q`` and ``l_kv``.
+        qk_scale: logit scale override (default ``d ** -0.5``).
+        attn_drop: attention dropout (the official layer ignores it; kept for signature
+            compatibility and applied nowhere, matching it).
+        proj_drop: unused by the official layer as well (kept for signature compatibility).
+        window_size: Hi-Fi window / Lo-Fi pooling size ``s``; 1 = plain MSA.
+        alpha: fraction of Lo-Fi heads (``h_lo = int(h·alpha)``).
+        fused: ``True`` SDPA, ``False`` explicit maths, ``None`` global default.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        window_size: int = 2,
+        alpha: float = 0.5,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads if num_heads > 0 else 0
+        self.l_heads, self.h_heads = _split_heads(dim, num_heads, window_size, alpha)
+        self.l_dim = self.l_heads * self.head_dim
+        self.h_dim = self.h_heads * self.head_dim
+        self.ws = window_size
+        self.alpha = alpha
+        self.scale = qk_scale if qk_scale else self.head_dim**-0.5
+        self.fused = fused
+        if self.l_heads > 0:
+            self.l_q = nn.Linear(dim, self.l_dim, bias=qkv_bias)
+            self.l_kv = nn.Linear(dim, 2 * self.l_dim, bias=qkv_bias)
+            self.l_proj = nn.Linear(self.l_dim, self.l_dim)
+        if self.h_heads > 0:
+            self.h_qkv = nn.Linear(dim, 3 * self.h_dim, bias=qkv_bias)
+            self.h_proj = nn.Linear(self.h_dim, self.h_dim)
+
+    def _hifi(self, x: Tensor) -> Tensor:
+        """Window attention. ``x: [B, H, W, C]`` (sides divisible by ``s``) → ``[B, H, W, D_hi]``."""
+        B, H, W, _ = x.shape
+        s, h, d = self.ws, self.h_heads, self.head_dim
+        gh, gw = H // s, W // s
+        qkv = self.h_qkv(x)  # per-token projection first: 3·D_hi channels are permuted, not C
+        qkv = qkv.reshape(B, gh, s, gw, s, 3, h, d).permute(5, 0, 1, 3, 6, 2, 4, 7)
+        qkv = qkv.reshape(3, B * gh * gw, h, s * s, d)
+        out = attend(qkv[0], qkv[1], qkv[2], scale=self.scale, fused=self.fused)
+        out = out.reshape(B, gh, gw, h, s, s, d).permute(0, 1, 4, 2, 5, 3, 6)
+        return self.h_proj(out.reshape(B, H, W, self.h_dim))
+
+    def _lofi(self, x: Tensor) -> Tensor:
+        """Attention to pooled tokens. ``x: [B, H, W, C]`` → ``[B, H, W, D_lo]``."""
+        B, H, W, C = x.shape
+        s, h, d = self.ws, self.l_heads, self.head_dim
+        q = self.l_q(x).reshape(B, H * W, h, d).transpose(1, 2)
+        pooled = x if s == 1 else x.reshape(B, H // s, s, W // s, s, C).mean(dim=(2, 4))
+        kv = self.l_kv(pooled).reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4)
+        out = attend(q, kv[0], kv[1], scale=self.scale, fused=self.fused)
+        return self.l_proj(out.transpose(1, 2).reshape(B, H, W, self.l_dim))
+
+    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """Args:
+            x: ``[B, N, C]`` tokens of an ``H × W`` map (row-major).
+            hw: ``(H, W)``.
+
+        Returns:
+            ``[B, N, C]``.
+        """
+        B, N, C = x.shape
+        H, W = hw
+        if N != H * W:
+            raise ValueError(f"got {N} tokens for a {H}x{W} map")
+        if C != self.dim:
+            raise ValueError(f"expected {self.dim} channels, got {C}")
+        x = x.reshape(B, H, W, C)
+        pad_b, pad_r = (-H) % self.ws, (-W) % self.ws
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        if self.h_heads == 0:
+            out = self._lofi(x)
+        elif self.l_heads == 0:
+            out = self._hifi(x)
+        else:
+            out = torch.cat((self._hifi(x), self._lofi(x)), dim=-1)
+        if pad_b or pad_r:
+            out = out[:, :H, :W, :]
+        return out.reshape(B, N, C)
+
+    def macs(self, hw: tuple[int, int]) -> int:
+        """MACs of one forward per image at map size ``hw`` (see :func:`hilo_macs`)."""
+        return hilo_macs(self.dim, self.num_heads, hw, self.ws, self.alpha)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.num_heads} (lo={self.l_heads}, hi={self.h_heads}), "
+            f"window_size={self.ws}, alpha={self.alpha}"
+        )

@@ -1,0 +1,21 @@
+"""Searchable gallery indexes (faiss flat / IVF-PQ / HNSW, or exact torch) with records."""
+
+from ev_reid.retrieval.index import (
+    IndexBackend,
+    IndexConfig,
+    ReidIndex,
+    SearchHit,
+    backend_problems,
+    recall_at_k,
+    resolve_backend,
+)
+
+__all__ = [
+    "IndexBackend",
+    "IndexConfig",
+    "ReidIndex",
+    "SearchHit",
+    "backend_problems",
+    "recall_at_k",
+    "resolve_backend",
+]
