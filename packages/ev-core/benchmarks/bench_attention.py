@@ -20,6 +20,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +72,37 @@ def make_step(
     return forward_backward
 
 
+def paired_speedups(
+    steps: dict[str, Callable[[], Any]], rounds: int, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """HiLo's speed-up over every other layer from interleaved, paired timings.
+
+    Each round times every layer once (rotating the order) and takes the ratio
+    ``t_other / t_hilo`` *within* the round, so slow drifts of a shared machine's load cancel;
+    the quartiles of the per-round ratios are returned.
+    """
+    names = list(steps)
+    ratios: dict[str, list[float]] = {n: [] for n in names if n != "hilo"}
+    for r in range(rounds):
+        shift = r % len(names)
+        times: dict[str, float] = {}
+        for name in names[shift:] + names[:shift]:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            steps[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name] = time.perf_counter() - start
+        for name in ratios:
+            ratios[name].append(times[name] / times["hilo"])
+    out = {}
+    for name, values in ratios.items():
+        q1, med, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+        out[name] = {"median": med, "q1": q1, "q3": q3, "rounds": len(values)}
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny sizes)")
@@ -100,6 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", help="ev attention backend (auto, math, ...)")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per row")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=0,
+        help="also measure HiLo's speed-ups from N interleaved rounds (robust on busy machines)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.resolutions, args.dim, args.heads = [14], 64, 4
@@ -146,10 +185,12 @@ def main(argv: list[str] | None = None) -> BenchmarkSuite:
         for dt in args.dtypes
         for mode in args.modes
     ]
+    paired: dict[str, dict[str, dict[str, float]]] = {}
     for res, batch, dt, mode in progress(jobs, desc="attention bench"):
         dtype = DTYPES[dt]
         group = f"{res}x{res} B{batch} {dt} {mode}"
         x = torch.randn(batch, res * res, args.dim, device=device, dtype=dtype)
+        steps: dict[str, Callable[[], Any]] = {}
         for name in ("sra", "msa", "window", "hilo"):  # baseline first
             layer = layers[name].to(device=device, dtype=dtype).train(mode == "fwd+bwd")
             extra = {"layer": name, "resolution": res, "batch": batch, "dtype": dt, "mode": mode}
@@ -157,7 +198,7 @@ def main(argv: list[str] | None = None) -> BenchmarkSuite:
                 suite.add_failure(name, group, f"skipped: N={res * res} > {max_msa}", **extra)
                 continue
             try:
-                step = make_step(layer, x, (res, res), backward=mode == "fwd+bwd")
+                step = steps[name] = make_step(layer, x, (res, res), backward=mode == "fwd+bwd")
                 suite.add(
                     name,
                     step,
@@ -169,7 +210,10 @@ def main(argv: list[str] | None = None) -> BenchmarkSuite:
                 )
             except torch.OutOfMemoryError as err:
                 suite.add_failure(name, group, f"out of memory: {err}".splitlines()[0], **extra)
+                steps.pop(name, None)
                 torch.cuda.empty_cache()
+        if args.paired_rounds and "hilo" in steps:
+            paired[group] = paired_speedups(steps, args.paired_rounds, device)
     suite.print_table()
     summary = summarize(suite)
     suite.notes["hilo_speedups"] = summary
@@ -179,6 +223,18 @@ def main(argv: list[str] | None = None) -> BenchmarkSuite:
     for group, s in summary.items():
         cells = [f"{s[k]:.2f}×" if s.get(k) else "–" for k in ("sra", "window", "msa")]
         print(f"| {group} | " + " | ".join(cells) + " |")
+    if paired:
+        suite.notes["hilo_paired_speedups"] = paired
+        print(f"\n## HiLo speed-up, paired over {args.paired_rounds} interleaved rounds")
+        print("(median [q1–q3] of per-round t_other / t_hilo)\n")
+        print("| group | HiLo vs SRA | HiLo vs window | HiLo vs MSA |")
+        print("|---|---|---|---|")
+        for group, sp in paired.items():
+            cells = [
+                f"{sp[k]['median']:.2f}× [{sp[k]['q1']:.2f}–{sp[k]['q3']:.2f}]" if k in sp else "–"
+                for k in ("sra", "window", "msa")
+            ]
+            print(f"| {group} | " + " | ".join(cells) + " |")
     if args.out:
         print(f"\nwrote {suite.write_json(args.out)}")
     return suite

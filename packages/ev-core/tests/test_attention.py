@@ -315,7 +315,7 @@ class TestAttend(BaseTester):
             attend(q, q.double(), q)
         with pytest.raises(ValueError, match="head dims differ"):
             attend(q, torch.randn(1, 2, 4, 6), q)
-        with pytest.raises(ValueError, match="lengths differ"):
+        with pytest.raises(ValueError, match="k, v their length"):
             attend(q, q, torch.randn(1, 2, 5, 8))
         with pytest.raises(ValueError, match="bias must be bool, float32"):
             attend(q, q, q, bias=torch.zeros(4, 4, dtype=torch.float64))

@@ -322,7 +322,7 @@ def test_supcon_with_unique_labels_is_simclr() -> None:
 def test_supcon_without_positives_is_zero_with_graph() -> None:
     feats = torch.randn(4, 3, requires_grad=True)
     loss = supcon_loss(feats, torch.arange(4))
-    assert float(loss) == 0.0
+    assert loss.item() == 0.0
     loss.backward()
     assert feats.grad is not None and (feats.grad == 0).all()
     with pytest.raises(ValueError, match="labels"):

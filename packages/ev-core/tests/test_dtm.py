@@ -5,29 +5,27 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ev_testing import BaseTester, assert_close
 from torchvision.ops import deform_conv2d
 
 from ev_core.layers.dtm import DeformableTokenMerging, deform_merge_2x2
+from ev_testing import BaseTester, assert_close
 
 
 def _inputs(
-    H: int, W: int, dtype: torch.dtype, C: int = 3, O: int = 5, scale: float = 1.5
+    H: int, W: int, dtype: torch.dtype, C: int = 3, out: int = 5, scale: float = 1.5
 ) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(H * 100 + W)
     x = torch.randn(2, C, H, W, generator=g, dtype=dtype)
     # offsets up to a few pixels: many samples fall partly or fully outside the map
     off = torch.randn(2, 8, H // 2, W // 2, generator=g, dtype=dtype) * scale
-    w = torch.randn(O, C, 2, 2, generator=g, dtype=dtype)
-    b = torch.randn(O, generator=g, dtype=dtype)
+    w = torch.randn(out, C, 2, 2, generator=g, dtype=dtype)
+    b = torch.randn(out, generator=g, dtype=dtype)
     return x, off, w, b
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("hw", [(8, 8), (7, 9), (5, 6)])
-def test_fast_matches_torchvision_forward_backward(
-    dtype: torch.dtype, hw: tuple[int, int]
-) -> None:
+def test_fast_matches_torchvision_forward_backward(dtype: torch.dtype, hw: tuple[int, int]) -> None:
     inputs = [t.requires_grad_() for t in _inputs(*hw, dtype)]
     ref = deform_conv2d(inputs[0], inputs[1], inputs[2], inputs[3], stride=2)
     out = deform_merge_2x2(*inputs)
@@ -52,7 +50,7 @@ def test_zero_offsets_equal_strided_conv() -> None:
 
 
 def test_bf16_fast_path_matches_fp32_reference() -> None:
-    x, off, w, b = _inputs(12, 10, torch.float32, C=16, O=32, scale=1.0)
+    x, off, w, b = _inputs(12, 10, torch.float32, C=16, out=32, scale=1.0)
     ref = deform_conv2d(x, off, w, b, stride=2)
     out = deform_merge_2x2(x.bfloat16(), off.bfloat16(), w.bfloat16(), b.bfloat16())
     assert out.dtype == torch.bfloat16
@@ -62,7 +60,7 @@ def test_bf16_fast_path_matches_fp32_reference() -> None:
 
 def test_gradcheck_fast_op() -> None:
     # offsets kept away from integers so bilinear weights are differentiable everywhere sampled
-    x, off, w, b = _inputs(4, 6, torch.float64, C=2, O=3, scale=0.7)
+    x, off, w, b = _inputs(4, 6, torch.float64, C=2, out=3, scale=0.7)
     off = off + 0.25
     assert BaseTester.gradcheck(deform_merge_2x2, (x, off, w, b))
 

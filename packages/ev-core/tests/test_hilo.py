@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ev_testing import BaseTester, assert_close
-from ev_testing.reference import naive_attention
 
 from ev_core.layers.attention import MultiHeadSelfAttention
 from ev_core.layers.hilo import HiLo, hilo_macs
+from ev_testing import BaseTester, assert_close
+from ev_testing.reference import naive_attention
 
 
 def reference_hilo(m: HiLo, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -50,9 +50,7 @@ def _layer(dim: int = 32, heads: int = 4, ws: int = 2, alpha: float = 0.5, **kw:
 @pytest.mark.parametrize(
     ("hw", "ws", "alpha"), [((6, 8), 2, 0.5), ((7, 5), 2, 0.75), ((9, 10), 3, 0.25)]
 )
-def test_matches_reference(
-    dtype: torch.dtype, hw: tuple[int, int], ws: int, alpha: float
-) -> None:
+def test_matches_reference(dtype: torch.dtype, hw: tuple[int, int], ws: int, alpha: float) -> None:
     m = _layer(ws=ws, alpha=alpha).double()
     x = torch.randn(2, hw[0] * hw[1], 32, dtype=torch.float64)
     expected = reference_hilo(m, x, hw)

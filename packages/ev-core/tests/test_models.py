@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import timm
 import torch
-from ev_testing import assert_close
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import ev_core  # noqa: F401  (registers the models with timm)
 from ev_core.models import checkpoint_filter_fn
+from ev_testing import assert_close
 
 OFFICIAL_PARAMS = {
     "litv2_s": 27_844_000,

@@ -58,7 +58,9 @@ def test_label_smoothing_matches_loop(eps: float) -> None:
     assert_close(
         label_smoothed_cross_entropy(logits, targets, eps), _ref_label_smooth(logits, targets, eps)
     )
-    assert_close(CrossEntropyLabelSmooth(eps)(logits, targets), _ref_label_smooth(logits, targets, eps))
+    assert_close(
+        CrossEntropyLabelSmooth(eps)(logits, targets), _ref_label_smooth(logits, targets, eps)
+    )
 
 
 def test_label_smoothing_float32_and_gradcheck() -> None:

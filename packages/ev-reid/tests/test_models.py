@@ -49,7 +49,10 @@ def test_stripe_pool_splits_rows_top_to_bottom() -> None:
     for s in range(3):
         assert_close(out[:, s], x[:, :, 2 * s : 2 * s + 2].mean(dim=(2, 3)))
     ref_gem = torch.stack(
-        [(x[:, :, 2 * s : 2 * s + 2].clamp(min=1e-6) ** 3).mean(dim=(2, 3)) ** (1 / 3) for s in range(3)],
+        [
+            (x[:, :, 2 * s : 2 * s + 2].clamp(min=1e-6) ** 3).mean(dim=(2, 3)) ** (1 / 3)
+            for s in range(3)
+        ],
         dim=1,
     )
     assert_close(stripe_pool(x, 3, mode="gem", p=3.0), ref_gem)
@@ -147,8 +150,8 @@ def test_load_backbone_weights_from_timm_file_and_reid_checkpoint(tmp_path: Path
     other = _tiny()
     assert load_backbone_weights(other, ckpt).loaded
 
+    torch.save({"foo": torch.zeros(2)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="no tensor matches"):
-        torch.save({"foo": torch.zeros(2)}, tmp_path / "bad.pth")
         load_backbone_weights(other, tmp_path / "bad.pth")
     with pytest.raises(FileNotFoundError):
         load_backbone_weights(other, tmp_path / "missing.pth")

@@ -101,7 +101,9 @@ def test_local_stripe_contrast_matches_loop_reference(kind: str) -> None:
 
 def test_stripe_head_projects_pooled_stripes() -> None:
     torch.manual_seed(0)
-    enc = build_upreid_encoder("resnet18", backbone_kwargs=TINY, last_stride_1=True, proj_hidden_dim=16, proj_dim=8)
+    enc = build_upreid_encoder(
+        "resnet18", backbone_kwargs=TINY, last_stride_1=True, proj_hidden_dim=16, proj_dim=8
+    )
     enc.eval()
     x = torch.randn(2, 3, 96, 32)
     out = enc(x)
@@ -113,7 +115,10 @@ def test_stripe_head_projects_pooled_stripes() -> None:
     expected = head.head(stripes.reshape(6, 32)).reshape(2, 3, 8)
     assert_close(out.extras["stripes"], expected)
     assert_close(out.features, fmap.mean(dim=(2, 3)))
-    assert build_upreid_encoder("resnet18", backbone_kwargs=TINY, local_head=False).extra_heads.keys() == set()
+    assert (
+        build_upreid_encoder("resnet18", backbone_kwargs=TINY, local_head=False).extra_heads.keys()
+        == set()
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,7 +167,9 @@ def test_pretrain_upreid_writes_a_backbone_that_finetuning_loads(
     assert math.isclose(
         last["loss"], last["instance"] + 1.0 * last["global"] + 0.5 * last["local"], rel_tol=1e-5
     )
-    model = ReidModel(ReidModelConfig(backbone="resnet18", backbone_kwargs=dict(TINY), num_classes=3))
+    model = ReidModel(
+        ReidModelConfig(backbone="resnet18", backbone_kwargs=dict(TINY), num_classes=3)
+    )
     report = load_backbone_weights(model, result.backbone_path)
     assert not report.missing and not report.unexpected
     state, _ = load_checkpoint(result.backbone_path)
@@ -217,7 +224,9 @@ def test_training_loss_goes_down_and_resume_is_exact(synthetic: Market1501, tmp_
         assert torch.equal(a, b), k
 
 
-def test_finetune_from_upreid_checkpoint_and_evaluate(synthetic: Market1501, tmp_path: Path) -> None:
+def test_finetune_from_upreid_checkpoint_and_evaluate(
+    synthetic: Market1501, tmp_path: Path
+) -> None:
     pre = pretrain_upreid(_tiny_upreid(tmp_path / "pre"), synthetic.train)
     cfg = _train_cfg(tmp_path / "ft", epochs=1, init_checkpoint=str(pre.backbone_path))
     result = train(cfg, synthetic)

@@ -74,9 +74,7 @@ def extra_flop_formulas() -> dict[Any, Any]:
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flop
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
-            _sdpa_cpu_backward_flop
-        )
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_cpu_backward_flop
     try:
         import torchvision  # noqa: F401  (registers torch.ops.torchvision)
 

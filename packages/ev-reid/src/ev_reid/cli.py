@@ -27,18 +27,26 @@ _OPT = "Optimisation"
 _RUN = "Run"
 
 DatasetOpt = Annotated[
-    str, typer.Option(help="Dataset name (market1501, cuhk03, msmt17, personx, ...).", rich_help_panel=_DATA)
+    str,
+    typer.Option(
+        help="Dataset name (market1501, cuhk03, msmt17, personx, ...).", rich_help_panel=_DATA
+    ),
 ]
 DataRootOpt = Annotated[Path, typer.Option(help="Dataset root folder.", rich_help_panel=_DATA)]
-DeviceOpt = Annotated[str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', ...", rich_help_panel=_RUN)]
+DeviceOpt = Annotated[
+    str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', ...", rich_help_panel=_RUN)
+]
 WorkersOpt = Annotated[int, typer.Option(help="DataLoader workers.", rich_help_panel=_RUN)]
 BackboneOpt = Annotated[
-    str, typer.Option(help="timm / ev-core model name (resnet50, litv2_s, ...).", rich_help_panel=_MODEL)
+    str,
+    typer.Option(
+        help="timm / ev-core model name (resnet50, litv2_s, ...).", rich_help_panel=_MODEL
+    ),
 ]
 BackboneKwargsOpt = Annotated[
     str,
     typer.Option(
-        help='Extra timm.create_model arguments as JSON, e.g. \'{"channels": [16, 32, 64, 128]}\'.',
+        help="Extra timm.create_model arguments as JSON, e.g. '{\"channels\": [16, 32, 64, 128]}'.",
         rich_help_panel=_MODEL,
     ),
 ]
@@ -89,48 +97,83 @@ def synth_cmd(
 
 @app.command("pretrain")
 def pretrain_cmd(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.", rich_help_panel=_RUN)] = Path("runs/upreid"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder.", rich_help_panel=_RUN)
+    ] = Path("runs/upreid"),
     dataset: DatasetOpt = "market1501",
     data_root: DataRootOpt = Path("data"),
     split: Annotated[
         list[str] | None,
-        typer.Option(help="Dataset splits used as unlabelled images (repeatable).", rich_help_panel=_DATA),
+        typer.Option(
+            help="Dataset splits used as unlabelled images (repeatable).", rich_help_panel=_DATA
+        ),
     ] = None,
     image_dir: Annotated[
         Path | None,
-        typer.Option(help="Folder of unlabelled images (overrides --dataset).", rich_help_panel=_DATA),
+        typer.Option(
+            help="Folder of unlabelled images (overrides --dataset).", rich_help_panel=_DATA
+        ),
     ] = None,
     backbone: BackboneOpt = "resnet50",
     backbone_kwargs: BackboneKwargsOpt = "{}",
-    pretrained: Annotated[bool, typer.Option(help="timm's pretrained weights.", rich_help_panel=_MODEL)] = False,
-    last_stride_1: Annotated[bool, typer.Option(help="ResNet last stride 1.", rich_help_panel=_MODEL)] = False,
-    proj_hidden_dim: Annotated[int, typer.Option(help="Projection MLP width.", rich_help_panel=_MODEL)] = 2048,
-    proj_dim: Annotated[int, typer.Option(help="Embedding dimension.", rich_help_panel=_MODEL)] = 128,
+    pretrained: Annotated[
+        bool, typer.Option(help="timm's pretrained weights.", rich_help_panel=_MODEL)
+    ] = False,
+    last_stride_1: Annotated[
+        bool, typer.Option(help="ResNet last stride 1.", rich_help_panel=_MODEL)
+    ] = False,
+    proj_hidden_dim: Annotated[
+        int, typer.Option(help="Projection MLP width.", rich_help_panel=_MODEL)
+    ] = 2048,
+    proj_dim: Annotated[
+        int, typer.Option(help="Embedding dimension.", rich_help_panel=_MODEL)
+    ] = 128,
     method: Annotated[str, typer.Option(help="'moco' or 'simclr'.", rich_help_panel=_OPT)] = "moco",
-    loss: Annotated[str, typer.Option(help="'infonce' or 'macl' (instance and local terms).", rich_help_panel=_OPT)] = "infonce",
-    temperature: Annotated[float, typer.Option(help="Instance τ (MACL: τ0).", rich_help_panel=_OPT)] = 0.2,
-    queue_size: Annotated[int, typer.Option(help="MoCo queue length.", rich_help_panel=_OPT)] = 65536,
-    momentum: Annotated[float, typer.Option(help="MoCo key-encoder momentum.", rich_help_panel=_OPT)] = 0.999,
-    global_term: Annotated[bool, typer.Option(help="I² global consistency.", rich_help_panel=_OPT)] = True,
+    loss: Annotated[
+        str,
+        typer.Option(help="'infonce' or 'macl' (instance and local terms).", rich_help_panel=_OPT),
+    ] = "infonce",
+    temperature: Annotated[
+        float, typer.Option(help="Instance τ (MACL: τ0).", rich_help_panel=_OPT)
+    ] = 0.2,
+    queue_size: Annotated[
+        int, typer.Option(help="MoCo queue length.", rich_help_panel=_OPT)
+    ] = 65536,
+    momentum: Annotated[
+        float, typer.Option(help="MoCo key-encoder momentum.", rich_help_panel=_OPT)
+    ] = 0.999,
+    global_term: Annotated[
+        bool, typer.Option(help="I² global consistency.", rich_help_panel=_OPT)
+    ] = True,
     global_weight: Annotated[float, typer.Option(help="Its weight.", rich_help_panel=_OPT)] = 1.0,
-    local_term: Annotated[bool, typer.Option(help="I² local stripe contrast.", rich_help_panel=_OPT)] = True,
+    local_term: Annotated[
+        bool, typer.Option(help="I² local stripe contrast.", rich_help_panel=_OPT)
+    ] = True,
     local_weight: Annotated[float, typer.Option(help="Its weight.", rich_help_panel=_OPT)] = 0.5,
     local_temperature: Annotated[float, typer.Option(help="Its τ.", rich_help_panel=_OPT)] = 0.2,
     num_stripes: Annotated[int, typer.Option(help="Horizontal stripes.", rich_help_panel=_OPT)] = 3,
     height: Annotated[int, typer.Option(help="View height.", rich_help_panel=_DATA)] = 256,
     width: Annotated[int, typer.Option(help="View width.", rich_help_panel=_DATA)] = 128,
     epochs: Annotated[int, typer.Option(help="Epochs.", rich_help_panel=_OPT)] = 200,
-    max_steps: Annotated[int | None, typer.Option(help="Cap on optimizer steps.", rich_help_panel=_OPT)] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step and rank.", rich_help_panel=_OPT)] = 256,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Cap on optimizer steps.", rich_help_panel=_OPT)
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per step and rank.", rich_help_panel=_OPT)
+    ] = 256,
     optimizer: Annotated[str, typer.Option(help="'sgd' or 'adamw'.", rich_help_panel=_OPT)] = "sgd",
     lr: Annotated[float, typer.Option(help="Peak LR per 256 images.", rich_help_panel=_OPT)] = 0.3,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.", rich_help_panel=_OPT)] = 1e-4,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.", rich_help_panel=_OPT)] = 0,
+    warmup_steps: Annotated[
+        int, typer.Option(help="Linear warm-up steps.", rich_help_panel=_OPT)
+    ] = 0,
     amp: Annotated[bool, typer.Option(help="Mixed precision.", rich_help_panel=_RUN)] = True,
     device: DeviceOpt = "auto",
     num_workers: WorkersOpt = 4,
     seed: Annotated[int, typer.Option(help="Seed.", rich_help_panel=_RUN)] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints.", rich_help_panel=_RUN)] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from OUT/checkpoints.", rich_help_panel=_RUN)
+    ] = False,
 ) -> None:
     """UP-ReID unsupervised pre-training (MoCo/SimCLR + I² regularisation) on unlabelled images."""
     import dataclasses
@@ -185,12 +228,16 @@ def pretrain_cmd(
     finally:
         cleanup_distributed()
     if result.backbone_path is not None:
-        typer.echo(f"{result.steps} steps on {result.num_images} images; backbone: {result.backbone_path}")
+        typer.echo(
+            f"{result.steps} steps on {result.num_images} images; backbone: {result.backbone_path}"
+        )
 
 
 @app.command("train")
 def train_cmd(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.", rich_help_panel=_RUN)] = Path("runs/reid"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder.", rich_help_panel=_RUN)
+    ] = Path("runs/reid"),
     dataset: DatasetOpt = "market1501",
     data_root: DataRootOpt = Path("data"),
     init: Annotated[
@@ -202,38 +249,79 @@ def train_cmd(
     ] = None,
     backbone: BackboneOpt = "resnet50",
     backbone_kwargs: BackboneKwargsOpt = "{}",
-    pretrained: Annotated[bool, typer.Option(help="timm's pretrained weights.", rich_help_panel=_MODEL)] = False,
-    last_stride_1: Annotated[bool, typer.Option(help="ResNet last stride 1.", rich_help_panel=_MODEL)] = True,
+    pretrained: Annotated[
+        bool, typer.Option(help="timm's pretrained weights.", rich_help_panel=_MODEL)
+    ] = False,
+    last_stride_1: Annotated[
+        bool, typer.Option(help="ResNet last stride 1.", rich_help_panel=_MODEL)
+    ] = True,
     pooling: Annotated[str, typer.Option(help="'avg' or 'gem'.", rich_help_panel=_MODEL)] = "avg",
-    neck: Annotated[str, typer.Option(help="'bnneck' or 'none'.", rich_help_panel=_MODEL)] = "bnneck",
-    num_stripes: Annotated[int, typer.Option(help="Part stripes (0 = global only).", rich_help_panel=_MODEL)] = 0,
+    neck: Annotated[
+        str, typer.Option(help="'bnneck' or 'none'.", rich_help_panel=_MODEL)
+    ] = "bnneck",
+    num_stripes: Annotated[
+        int, typer.Option(help="Part stripes (0 = global only).", rich_help_panel=_MODEL)
+    ] = 0,
     height: Annotated[int, typer.Option(help="Image height.", rich_help_panel=_DATA)] = 256,
     width: Annotated[int, typer.Option(help="Image width.", rich_help_panel=_DATA)] = 128,
-    erasing_p: Annotated[float, typer.Option(help="Random-erasing probability.", rich_help_panel=_DATA)] = 0.5,
-    num_identities: Annotated[int, typer.Option("--num-identities", "-P", help="P: identities per step.", rich_help_panel=_OPT)] = 16,
-    num_instances: Annotated[int, typer.Option("--num-instances", "-K", help="K: images per identity.", rich_help_panel=_OPT)] = 4,
+    erasing_p: Annotated[
+        float, typer.Option(help="Random-erasing probability.", rich_help_panel=_DATA)
+    ] = 0.5,
+    num_identities: Annotated[
+        int,
+        typer.Option(
+            "--num-identities", "-P", help="P: identities per step.", rich_help_panel=_OPT
+        ),
+    ] = 16,
+    num_instances: Annotated[
+        int,
+        typer.Option("--num-instances", "-K", help="K: images per identity.", rich_help_panel=_OPT),
+    ] = 4,
     epochs: Annotated[int, typer.Option(help="Epochs.", rich_help_panel=_OPT)] = 120,
     lr: Annotated[float, typer.Option(help="Adam learning rate.", rich_help_panel=_OPT)] = 3.5e-4,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.", rich_help_panel=_OPT)] = 5e-4,
-    warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs.", rich_help_panel=_OPT)] = 10,
+    warmup_epochs: Annotated[
+        int, typer.Option(help="Linear warm-up epochs.", rich_help_panel=_OPT)
+    ] = 10,
     milestones: Annotated[
-        list[int] | None, typer.Option(help="LR ×gamma at these epochs (repeatable).", rich_help_panel=_OPT)
+        list[int] | None,
+        typer.Option(help="LR ×gamma at these epochs (repeatable).", rich_help_panel=_OPT),
     ] = None,
     gamma: Annotated[float, typer.Option(help="Step-decay factor.", rich_help_panel=_OPT)] = 0.1,
-    label_smoothing: Annotated[float, typer.Option(help="Identity-loss ε.", rich_help_panel=_OPT)] = 0.1,
-    triplet_margin: Annotated[float, typer.Option(help="Triplet margin.", rich_help_panel=_OPT)] = 0.3,
-    triplet_metric: Annotated[str, typer.Option(help="'euclidean' or 'cosine'.", rich_help_panel=_OPT)] = "euclidean",
-    soft_margin: Annotated[bool, typer.Option(help="Soft-margin triplet.", rich_help_panel=_OPT)] = False,
-    eval_every: Annotated[int, typer.Option(help="Evaluate every N epochs (0: at the end).", rich_help_panel=_RUN)] = 10,
-    metric: Annotated[str, typer.Option(help="'cosine' or 'euclidean'.", rich_help_panel=_RUN)] = "cosine",
-    flip: Annotated[bool, typer.Option(help="Flip-averaged features at evaluation.", rich_help_panel=_RUN)] = False,
-    rerank: Annotated[bool, typer.Option(help="k-reciprocal re-ranking at evaluation.", rich_help_panel=_RUN)] = False,
-    max_steps_per_epoch: Annotated[int | None, typer.Option(help="Cap on steps per epoch.", rich_help_panel=_OPT)] = None,
+    label_smoothing: Annotated[
+        float, typer.Option(help="Identity-loss ε.", rich_help_panel=_OPT)
+    ] = 0.1,
+    triplet_margin: Annotated[
+        float, typer.Option(help="Triplet margin.", rich_help_panel=_OPT)
+    ] = 0.3,
+    triplet_metric: Annotated[
+        str, typer.Option(help="'euclidean' or 'cosine'.", rich_help_panel=_OPT)
+    ] = "euclidean",
+    soft_margin: Annotated[
+        bool, typer.Option(help="Soft-margin triplet.", rich_help_panel=_OPT)
+    ] = False,
+    eval_every: Annotated[
+        int, typer.Option(help="Evaluate every N epochs (0: at the end).", rich_help_panel=_RUN)
+    ] = 10,
+    metric: Annotated[
+        str, typer.Option(help="'cosine' or 'euclidean'.", rich_help_panel=_RUN)
+    ] = "cosine",
+    flip: Annotated[
+        bool, typer.Option(help="Flip-averaged features at evaluation.", rich_help_panel=_RUN)
+    ] = False,
+    rerank: Annotated[
+        bool, typer.Option(help="k-reciprocal re-ranking at evaluation.", rich_help_panel=_RUN)
+    ] = False,
+    max_steps_per_epoch: Annotated[
+        int | None, typer.Option(help="Cap on steps per epoch.", rich_help_panel=_OPT)
+    ] = None,
     amp: Annotated[bool, typer.Option(help="Mixed precision.", rich_help_panel=_RUN)] = False,
     device: DeviceOpt = "auto",
     num_workers: WorkersOpt = 4,
     seed: Annotated[int, typer.Option(help="Seed.", rich_help_panel=_RUN)] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints.", rich_help_panel=_RUN)] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from OUT/checkpoints.", rich_help_panel=_RUN)
+    ] = False,
 ) -> None:
     """Supervised fine-tuning (BoT: label-smoothed ID + batch-hard triplet, BNNeck, warm-up)."""
     from ev_core.distributed import cleanup_distributed, init_distributed
@@ -296,16 +384,22 @@ def train_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="model.safetensors written by `ev-reid train`.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="model.safetensors written by `ev-reid train`.")
+    ],
     dataset: DatasetOpt = "market1501",
     data_root: DataRootOpt = Path("data"),
     metric: Annotated[str, typer.Option(help="'cosine' or 'euclidean'.")] = "cosine",
     flip: Annotated[bool, typer.Option(help="Flip-averaged features.")] = False,
-    rerank: Annotated[bool, typer.Option(help="k-reciprocal re-ranking (k1 20, k2 6, λ 0.3).")] = False,
+    rerank: Annotated[
+        bool, typer.Option(help="k-reciprocal re-ranking (k1 20, k2 6, λ 0.3).")
+    ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
     num_workers: WorkersOpt = 4,
     device: DeviceOpt = "auto",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the metrics as JSON.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the metrics as JSON.")
+    ] = None,
 ) -> None:
     """CMC / mAP / mINP of a trained model on a dataset's query and gallery (Market protocol)."""
     from ev_core.io import write_json
@@ -328,6 +422,104 @@ def eval_cmd(
         write_json(out, metrics)
 
 
+@app.command("index")
+def index_cmd(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="model.safetensors written by `ev-reid train`.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index folder to write.")] = Path(
+        "runs/index"
+    ),
+    dataset: DatasetOpt = "market1501",
+    data_root: DataRootOpt = Path("data"),
+    split: Annotated[
+        str, typer.Option(help="Split to index: gallery, query or train.", rich_help_panel=_DATA)
+    ] = "gallery",
+    backend: Annotated[
+        str, typer.Option(help="auto, torch, faiss-flat, faiss-ivfpq or faiss-hnsw.")
+    ] = "auto",
+    metric: Annotated[str, typer.Option(help="'cosine' or 'euclidean'.")] = "cosine",
+    index_device: Annotated[str, typer.Option(help="Index device: 'cpu' or 'cuda'.")] = "cpu",
+    flip: Annotated[bool, typer.Option(help="Flip-averaged features.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
+    num_workers: WorkersOpt = 4,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Embed a dataset split with a trained model and save a searchable index (with records)."""
+    from ev_reid.datasets import create
+    from ev_reid.retrieval import IndexConfig
+    from ev_reid.train import build_index
+
+    if split not in ("gallery", "query", "train"):
+        raise typer.BadParameter("must be gallery, query or train", param_hint="--split")
+    try:
+        config = IndexConfig(backend=backend, metric=metric, device=index_device)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    records = getattr(create(dataset, data_root), split)
+    index = build_index(
+        checkpoint,
+        records,
+        out,
+        config=config,
+        flip=flip,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+    )
+    typer.echo(f"indexed {len(index)} images ({index.backend.value}) -> {out}")
+
+
+@app.command("search")
+def search_cmd(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder written by `ev-reid index`.")],
+    images: Annotated[list[Path], typer.Argument(help="Query images.")],
+    k: Annotated[int, typer.Option("-k", help="Results per query.")] = 10,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Model for the queries (default: the index's).")
+    ] = None,
+    device: DeviceOpt = "auto",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the results as JSON.")
+    ] = None,
+) -> None:
+    """Ranked gallery images (path, person id, camera, distance) for each query image."""
+    from ev_core.io import write_json
+    from ev_reid.records import ReidRecord
+    from ev_reid.train import search_index
+
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise typer.BadParameter(f"no such image: {', '.join(missing)}", param_hint="IMAGES")
+    queries = [ReidRecord(str(p), -1, 0) for p in images]
+    hits = search_index(index_dir, queries, k, checkpoint=checkpoint, device=device, num_workers=0)
+    results = []
+    for q, ranked in zip(queries, hits):
+        typer.echo(q.path)
+        for hit in ranked:
+            rec = hit.record
+            typer.echo(
+                f"  {hit.rank + 1:3d}  d={hit.distance:.4f}  pid={rec.pid}  cam={rec.camid}  {rec.path}"
+            )
+        results.append(
+            {
+                "query": q.path,
+                "hits": [
+                    {
+                        "rank": h.rank + 1,
+                        "distance": h.distance,
+                        "path": h.record.path,
+                        "pid": h.record.pid,
+                        "camid": h.record.camid,
+                    }
+                    for h in ranked
+                ],
+            }
+        )
+    if out is not None:
+        write_json(out, results)
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("ev-reid-demo"),
@@ -344,3 +536,7 @@ def demo_cmd(
 def main() -> None:
     """Console script ``ev-reid``."""
     app()
+
+
+if __name__ == "__main__":  # `torchrun ... -m ev_reid.cli train ...`
+    main()

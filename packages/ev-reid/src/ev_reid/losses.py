@@ -164,7 +164,9 @@ class TripletLoss(nn.Module):
     ) -> None:
         super().__init__()
         if metric not in ("euclidean", "cosine"):
-            raise ValueError(f"unknown distance metric {metric!r}: expected 'euclidean' or 'cosine'")
+            raise ValueError(
+                f"unknown distance metric {metric!r}: expected 'euclidean' or 'cosine'"
+            )
         if margin < 0:
             raise ValueError(f"margin must be ≥ 0, got {margin}")
         self.margin = margin

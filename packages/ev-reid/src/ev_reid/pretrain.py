@@ -72,7 +72,9 @@ ContrastiveKind = Literal["infonce", "macl"]
 # ----------------------------------------------------------------------------------------
 # the I² loss terms (functional)
 # ----------------------------------------------------------------------------------------
-def global_consistency_loss(queries: Sequence[torch.Tensor], key_original: torch.Tensor) -> torch.Tensor:
+def global_consistency_loss(
+    queries: Sequence[torch.Tensor], key_original: torch.Tensor
+) -> torch.Tensor:
     """UP-ReID's global consistency ``mean_v (1 − cos(q_v, sg(k_orig)))``, averaged over the batch.
 
     Args:
@@ -180,7 +182,9 @@ class LocalStripeContrastTerm:
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         o1, o2 = ctx.online
         if "stripes" not in o1.extras:
-            raise ValueError("the encoder has no 'stripes' head: build it with build_upreid_encoder")
+            raise ValueError(
+                "the encoder has no 'stripes' head: build it with build_upreid_encoder"
+            )
         return local_stripe_contrast(
             o1.extras["stripes"],
             o2.extras["stripes"],
@@ -214,7 +218,8 @@ class FeatureMapBackbone(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, 3, H, W]`` → ``[B, C, h, w]``."""
-        return self.body(x)[-1]  # type: ignore[no-any-return]
+        out: torch.Tensor = self.body(x)[-1]
+        return out
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
         """Global average pooling ``[B, C, h, w]`` → ``[B, C]`` (there are no logits)."""
@@ -253,7 +258,8 @@ class StripeProjection(nn.Module):
             raise ValueError("StripeProjection needs a [B, C, H, W] feature map")
         stripes = stripe_pool(fmap, self.num_stripes)  # [B, S, C]
         b, s, c = stripes.shape
-        return self.head(stripes.reshape(b * s, c)).reshape(b, s, -1)  # type: ignore[no-any-return]
+        out: torch.Tensor = self.head(stripes.reshape(b * s, c))
+        return out.reshape(b, s, -1)
 
 
 def build_upreid_encoder(
@@ -372,27 +378,18 @@ class UPReIDConfig:
     def __post_init__(self) -> None:
         bad = sorted(set(self.splits) - {"train", "query", "gallery"})
         if bad or not self.splits:
-            raise ValueError(f"splits must be a non-empty subset of train/query/gallery, got {self.splits}")
+            raise ValueError(
+                f"splits must be a non-empty subset of train/query/gallery, got {self.splits}"
+            )
         if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (contrastive negatives), got {self.batch_size}")
+            raise ValueError(
+                f"batch_size must be >= 2 (contrastive negatives), got {self.batch_size}"
+            )
         for name in ("global_weight", "local_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.local_temperature > 0:
             raise ValueError(f"local_temperature must be > 0, got {self.local_temperature}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UPReIDConfig:
-        """Rebuild from a dumped (JSON) mapping."""
-        data = dict(data)
-        views = PretrainViewConfig(**_tuples(data.pop("views", {})))
-        ssl = PretrainConfig(**data.pop("ssl", {}))
-        return cls(**_tuples(data), views=views, ssl=ssl)
-
-
-def _tuples(d: dict[str, Any]) -> dict[str, Any]:
-    """JSON lists back to tuples (dataclass fields typed as tuples); dicts are left alone."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
 @dataclass
@@ -421,13 +418,17 @@ def unlabelled_records(image_dir: str | os.PathLike[str]) -> list[ReidRecord]:
     Raises:
         DatasetLayoutError: if the folder is missing or holds no image.
     """
-    from ev_reid.datasets.base import list_images
+    from ev_reid.datasets.base import IMAGE_EXTENSIONS, DatasetLayoutError
 
-    files = list_images(
-        Path(image_dir).expanduser(),
-        expected="<image_dir>/**/<image>.jpg|png|...  (any unlabelled person crops)",
-        recursive=True,
+    root = Path(image_dir).expanduser()
+    layout = "<image_dir>/**/<image>.jpg|png|...  (unlabelled person crops, any sub-folders)"
+    if not root.is_dir():
+        raise DatasetLayoutError("missing folder", path=root, expected=layout)
+    files = sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
     )
+    if not files:
+        raise DatasetLayoutError("folder holds no image", path=root, expected=layout)
     return [ReidRecord(str(p), -1, 0) for p in files]
 
 
@@ -529,11 +530,15 @@ def pretrain_upreid(
     result = pretrain(encoder, loader, ssl_cfg, loss_terms=terms, on_log=on_log)
     backbone_path = None
     if result.finished and is_main_process():
-        body = encoder.backbone.body  # type: ignore[union-attr]
+        adapter = encoder.backbone
+        assert isinstance(adapter, FeatureMapBackbone)
+        body = adapter.body
         backbone_path = save_checkpoint(
             Path(cfg.out_dir) / "backbone.safetensors",
             {f"backbone.{k}": v for k, v in body.state_dict().items()},
             config={"upreid": cfg},
             metadata={"step": result.step, "epoch": result.epoch, "num_images": len(records)},
         )
-    return UPReIDResult(backbone_path, result.encoder_path, result.history, result.step, len(records))
+    return UPReIDResult(
+        backbone_path, result.encoder_path, result.history, result.step, len(records)
+    )

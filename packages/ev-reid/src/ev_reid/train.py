@@ -56,16 +56,20 @@ from ev_reid.records import ReidRecord
 if TYPE_CHECKING:
     from ev_reid.datasets import ReidDataset
     from ev_reid.evaluation import RankResult
+    from ev_reid.retrieval import IndexConfig, ReidIndex, SearchHit
 
 __all__ = [
     "ReidCriterion",
     "TrainConfig",
     "TrainResult",
     "bot_lr_factor",
+    "build_index",
     "checkpoint_transform",
     "evaluate_checkpoint",
     "evaluate_model",
+    "extract_record_features",
     "resolve_device",
+    "search_index",
     "train",
     "train_step",
 ]
@@ -172,7 +176,9 @@ class TrainConfig:
         if self.id_weight == 0 and self.triplet_weight == 0:
             raise ValueError("id_weight and triplet_weight are both 0: nothing to train")
         if self.eval_metric not in ("cosine", "euclidean"):
-            raise ValueError(f"eval_metric must be 'cosine' or 'euclidean', got {self.eval_metric!r}")
+            raise ValueError(
+                f"eval_metric must be 'cosine' or 'euclidean', got {self.eval_metric!r}"
+            )
         if self.amp_dtype not in ("auto", "bfloat16", "float16"):
             raise ValueError(f"amp_dtype must be auto, bfloat16 or float16, got {self.amp_dtype!r}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
@@ -182,16 +188,6 @@ class TrainConfig:
     def batch_size(self) -> int:
         """Images per step over all ranks (P × K)."""
         return self.num_identities * self.num_instances
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Rebuild from a dumped (JSON) mapping."""
-        data = dict(data)
-        model = ReidModelConfig.from_dict(data.pop("model", {}))
-        tf = {k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("transform", {}).items()}
-        if "milestones" in data:
-            data["milestones"] = tuple(data["milestones"])
-        return cls(**data, model=model, transform=ReidTransformConfig(**tf))
 
 
 @dataclass
@@ -346,6 +342,47 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 @torch.no_grad()
+def extract_record_features(
+    model: nn.Module,
+    records: Sequence[ReidRecord],
+    *,
+    transform: ReidTransformConfig | None = None,
+    flip: bool = False,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    desc: str = "extract features",
+) -> torch.Tensor:
+    """Evaluation features of the images of ``records`` (test transform, eval mode).
+
+    Args:
+        model: maps images ``[B, 3, H, W]`` to features ``[B, D]`` in eval mode.
+        records: the images.
+        transform: size/normalisation of the test transform (default BoT's 256×128).
+        flip: average each image's features with its mirror's.
+        batch_size: images per batch.
+        num_workers: DataLoader workers.
+        device: where the model runs.
+        desc: progress-bar label.
+
+    Returns:
+        ``[len(records), D]`` float32 features on the CPU.
+    """
+    from torch.utils.data import DataLoader
+
+    from ev_reid.data.transforms import build_test_transform
+    from ev_reid.datasets import ImageDataset
+    from ev_reid.evaluation import extract_features
+
+    loader = DataLoader(
+        ImageDataset(records, build_test_transform(transform)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+    )
+    return extract_features(model, loader, flip=flip, device=device, desc=desc)
+
+
 def evaluate_model(
     model: nn.Module,
     query: Sequence[ReidRecord],
@@ -362,7 +399,7 @@ def evaluate_model(
     """Extract query/gallery features with ``model`` and compute CMC/mAP/mINP (Market protocol).
 
     Args:
-        model: a :class:`~ev_reid.models.ReidModel` (put in eval mode here, restored after).
+        model: a :class:`~ev_reid.models.ReidModel` (evaluated in eval mode, mode restored).
         query: query records.
         gallery: gallery records.
         transform: the size/normalisation (test transform) to use.
@@ -376,30 +413,20 @@ def evaluate_model(
     Returns:
         The :class:`~ev_reid.evaluation.RankResult`.
     """
-    from torch.utils.data import DataLoader
+    from ev_reid.evaluation import evaluate_features
 
-    from ev_reid.data.transforms import build_test_transform
-    from ev_reid.datasets import ImageDataset
-    from ev_reid.evaluation import evaluate_features, extract_features
-
-    test_tf = build_test_transform(transform)
-    was_training = model.training
-    model.eval()
-    try:
-        feats = []
-        for records in (query, gallery):
-            loader = DataLoader(
-                ImageDataset(records, test_tf),
-                batch_size=batch_size,
-                shuffle=False,
-                num_workers=num_workers,
-            )
-            feats.append(extract_features(model, loader, flip=flip, device=device).features)
-    finally:
-        model.train(was_training)
+    kw: dict[str, Any] = dict(
+        transform=transform,
+        flip=flip,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+    )
+    qf = extract_record_features(model, query, desc="query features", **kw)
+    gf = extract_record_features(model, gallery, desc="gallery features", **kw)
     return evaluate_features(
-        feats[0],
-        feats[1],
+        qf,
+        gf,
         [r.pid for r in query],
         [r.pid for r in gallery],
         [r.camid for r in query],
@@ -458,8 +485,104 @@ def checkpoint_transform(checkpoint: str | Path) -> ReidTransformConfig:
 
         tf = json.loads(meta_file.read_text(encoding="utf-8")).get("metadata", {}).get("transform")
         if isinstance(tf, dict):
-            return ReidTransformConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in tf.items()})
+            fields: dict[str, Any] = {
+                k: tuple(v) if isinstance(v, list) else v for k, v in tf.items()
+            }
+            return ReidTransformConfig(**fields)
     return ReidTransformConfig()
+
+
+def build_index(
+    checkpoint: str | Path,
+    records: Sequence[ReidRecord],
+    out_dir: str | Path,
+    *,
+    config: IndexConfig | None = None,
+    flip: bool = False,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device: str = "auto",
+) -> ReidIndex:
+    """Index the images of ``records`` with a trained model and save the index to ``out_dir``.
+
+    Besides the index files (:meth:`~ev_reid.retrieval.ReidIndex.save`), ``out_dir`` gets
+    ``model.json`` naming the checkpoint and the feature settings, so that
+    :func:`search_index` embeds queries the same way.
+
+    Returns:
+        The built :class:`~ev_reid.retrieval.ReidIndex`.
+    """
+    from ev_reid.models.reid import load_reid_model
+    from ev_reid.retrieval import ReidIndex
+
+    dev = resolve_device(device)
+    model = load_reid_model(checkpoint, map_location=dev)
+    feats = extract_record_features(
+        model,
+        records,
+        transform=checkpoint_transform(checkpoint),
+        flip=flip,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=dev,
+        desc="index features",
+    )
+    index = ReidIndex.build(feats, records, config)
+    out = index.save(out_dir)
+    write_json(out / "model.json", {"checkpoint": str(Path(checkpoint).resolve()), "flip": flip})
+    return index
+
+
+def search_index(
+    index_dir: str | Path,
+    queries: Sequence[ReidRecord],
+    k: int = 10,
+    *,
+    checkpoint: str | Path | None = None,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device: str = "auto",
+) -> list[list[SearchHit]]:
+    """Ranked gallery records for each query image, from an index built by :func:`build_index`.
+
+    Args:
+        index_dir: the saved index.
+        queries: the query images (pids/camids are not used).
+        k: results per query.
+        checkpoint: the model embedding the queries (default: the one in ``model.json``).
+        batch_size: images per batch.
+        num_workers: DataLoader workers.
+        device: where the model runs.
+
+    Returns:
+        ``hits[q][r]``: the ``r``-th best :class:`~ev_reid.retrieval.SearchHit` of query ``q``.
+    """
+    import json
+
+    from ev_reid.models.reid import load_reid_model
+    from ev_reid.retrieval import ReidIndex
+
+    src = Path(index_dir)
+    info: dict[str, Any] = {}
+    if (src / "model.json").is_file():
+        info = json.loads((src / "model.json").read_text(encoding="utf-8"))
+    ckpt = checkpoint if checkpoint is not None else info.get("checkpoint")
+    if ckpt is None:
+        raise ValueError(f"{src} has no model.json: pass the model checkpoint")
+    dev = resolve_device(device)
+    model = load_reid_model(ckpt, map_location=dev)
+    feats = extract_record_features(
+        model,
+        queries,
+        transform=checkpoint_transform(ckpt),
+        flip=bool(info.get("flip", False)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=dev,
+        desc="query features",
+    )
+    index = ReidIndex.load(src)
+    return index.search(feats, min(k, len(index)))
 
 
 def _build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -583,7 +706,11 @@ def train(
             group["lr"] = lr
         model.train()
         sums: dict[str, torch.Tensor] = {}
-        steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+        steps = (
+            len(loader)
+            if cfg.max_steps_per_epoch is None
+            else min(len(loader), cfg.max_steps_per_epoch)
+        )
         bar = progress(loader, desc=f"train {epoch + 1}/{cfg.epochs}", total=steps)
         for step, (images, pids, _camids, _idx) in enumerate(bar):
             if step >= steps:

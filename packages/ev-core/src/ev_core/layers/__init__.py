@@ -9,17 +9,31 @@ from ev_core.layers.attention import (
     set_attention_backend,
     set_fused_attention,
 )
+from ev_core.layers.dtm import DeformableTokenMerging, deform_merge_2x2
+from ev_core.layers.embed import LITBlock, PatchEmbed
+from ev_core.layers.hilo import HiLo, hilo_macs
+from ev_core.layers.mlp import ConvFFN, Mlp
+from ev_core.layers.relpos import RelPosAttention
 from ev_core.layers.sra import SpatialReductionAttention
 from ev_core.layers.window import WindowAttention, window_partition, window_reverse
 
 __all__ = [
     "AttentionBackendError",
+    "ConvFFN",
+    "DeformableTokenMerging",
+    "HiLo",
+    "LITBlock",
+    "Mlp",
     "MultiHeadSelfAttention",
+    "PatchEmbed",
+    "RelPosAttention",
     "SpatialReductionAttention",
     "WindowAttention",
     "attend",
     "attention_backend",
     "backend_support",
+    "deform_merge_2x2",
+    "hilo_macs",
     "set_attention_backend",
     "set_fused_attention",
     "window_partition",

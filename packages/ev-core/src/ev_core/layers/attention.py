@@ -94,36 +94,35 @@ def check_tokens(x: Tensor, hw: tuple[int, int]) -> tuple[int, int, int, int, in
 
 
 def _validate(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout_p: float) -> None:
-    """Input errors no backend could fix (raised as ``ValueError`` before dispatch)."""
-    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+    """Input errors no backend could fix (raised as ``ValueError`` before dispatch).
+
+    Kept to a few comparisons (shapes are read once): this runs on every attention call.
+    """
+    dtype = q.dtype
+    if k.dtype != dtype or v.dtype != dtype or not dtype.is_floating_point:
         raise ValueError(
-            f"q, k, v must share one floating dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+            f"q, k, v must share one floating dtype, got q {dtype}, k {k.dtype}, v {v.dtype}"
         )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    if q.dim() < 2 or not (q.dim() == k.dim() == v.dim()):
+    qs, ks, vs = q.shape, k.shape, v.shape
+    nd = len(qs)
+    if nd < 2 or len(ks) != nd or len(vs) != nd:
+        raise ValueError(f"q, k, v must have the same rank >= 2, got {nd}, {len(ks)}, {len(vs)}")
+    if qs[-1] != ks[-1]:
+        raise ValueError(f"q and k head dims differ: {qs[-1]} vs {ks[-1]}")
+    if ks[:-1] != vs[:-1] or qs[:-2] != ks[:-2]:
         raise ValueError(
-            f"q, k, v must have the same rank >= 2, got {q.dim()}, {k.dim()}, {v.dim()}"
+            "q, k, v must share their leading (batch, head) dims and k, v their length, got "
+            f"q {tuple(qs)}, k {tuple(ks)}, v {tuple(vs)}"
         )
-    if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
-        raise ValueError(
-            "q, k, v must share their leading (batch, head) dims, got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"k and v lengths differ: {k.shape[-2]} vs {v.shape[-2]}")
-    if bias is not None and bias.dtype != torch.bool and bias.dtype not in (q.dtype, torch.float32):
-        raise ValueError(f"bias must be bool, float32 or q's dtype ({q.dtype}), got {bias.dtype}")
     if bias is not None:
-        target = (*q.shape[:-1], k.shape[-2])
-        if bias.dim() > len(target) or any(
-            b not in (1, t) for b, t in zip(bias.shape[::-1], target[::-1])
-        ):
-            raise ValueError(
-                f"bias of shape {tuple(bias.shape)} does not broadcast to the logits {target}"
-            )
+        if bias.dtype != torch.bool and bias.dtype != dtype and bias.dtype != torch.float32:
+            raise ValueError(f"bias must be bool, float32 or q's dtype ({dtype}), got {bias.dtype}")
+        target = (*qs[:-1], ks[-2])
+        bs = bias.shape
+        if len(bs) > nd or any(b != 1 and b != t for b, t in zip(bs[::-1], target[::-1])):
+            raise ValueError(f"bias of shape {tuple(bs)} does not broadcast to the logits {target}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "DTMPath",
     "DeformConv2x2",
     "DeformableTokenMerging",
-    "DTMPath",
     "deform_merge_2x2",
     "deform_merge_2x2_nhwc",
 ]
@@ -118,7 +118,9 @@ def deform_merge_2x2_nhwc(
     return F.linear(cols, w_tap, bias)
 
 
-def deform_merge_2x2(x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def deform_merge_2x2(
+    x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None
+) -> Tensor:
     """Fast ``deform_conv2d(x, offset, weight, bias, stride=2, padding=0)`` for 2×2 kernels.
 
     Same arguments and result as :func:`torchvision.ops.deform_conv2d` with a 2×2 kernel,
@@ -137,9 +139,7 @@ def deform_merge_2x2(x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | N
     """
     if x.dim() != 4 or offset.dim() != 4 or weight.dim() != 4:
         raise ValueError("x, offset and weight must be 4-D ([B,C,H,W], [B,8,Ho,Wo], [O,C,2,2])")
-    out = deform_merge_2x2_nhwc(
-        x.permute(0, 2, 3, 1), offset.permute(0, 2, 3, 1), weight, bias
-    )
+    out = deform_merge_2x2_nhwc(x.permute(0, 2, 3, 1), offset.permute(0, 2, 3, 1), weight, bias)
     return out.permute(0, 3, 1, 2)
 
 
@@ -173,7 +173,8 @@ class DeformConv2x2(nn.Module):
         bound = 1.0 / math.sqrt(self.in_channels * 4)
         nn.init.uniform_(self.bias, -bound, bound)
         nn.init.zeros_(self.conv_offset.weight)
-        nn.init.zeros_(self.conv_offset.bias)
+        if self.conv_offset.bias is not None:
+            nn.init.zeros_(self.conv_offset.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """Args:

@@ -167,7 +167,7 @@ class HiLo(nn.Module):
         H, W = hw
         if N != H * W:
             raise ValueError(f"got {N} tokens for a {H}x{W} map")
-        if C != self.dim:
+        if self.dim != C:
             raise ValueError(f"expected {self.dim} channels, got {C}")
         x = x.reshape(B, H, W, C)
         pad_b, pad_r = (-H) % self.ws, (-W) % self.ws

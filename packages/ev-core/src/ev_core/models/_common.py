@@ -148,6 +148,10 @@ class HierarchicalLIT(nn.Module):
     patch_embed: PatchEmbed
     layers: nn.ModuleList
     norm: nn.Module
+    pos_drop: nn.Module
+
+    def _stages(self) -> list[LITStage]:
+        return [s for s in self.layers if isinstance(s, LITStage)]
 
     def _finish_init(
         self, num_classes: int, global_pool: str, dims: Sequence[int], patch_size: int
@@ -159,7 +163,8 @@ class HierarchicalLIT(nn.Module):
         self.num_features = self.head_hidden_size = dims[-1]
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info = [
-            dict(num_chs=d, reduction=patch_size * 2**i, module=f"layers.{i}") for i, d in enumerate(dims)
+            dict(num_chs=d, reduction=patch_size * 2**i, module=f"layers.{i}")
+            for i, d in enumerate(dims)
         ]
         self.apply(init_weights)
 
@@ -167,7 +172,7 @@ class HierarchicalLIT(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass (saves activation memory)."""
-        for stage in self.layers:
+        for stage in self._stages():
             stage.grad_checkpointing = enable
 
     @torch.jit.ignore
@@ -205,7 +210,7 @@ class HierarchicalLIT(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, 3, H, W]`` images → normalised last-stage map ``[B, H/32, W/32, C]``."""
         x, hw = self._embed(x)
-        for stage in self.layers:
+        for stage in self._stages():
             x, hw = stage(x, hw)
         x = self.norm(x)
         return x.reshape(x.shape[0], hw[0], hw[1], x.shape[-1])
@@ -248,7 +253,7 @@ class HierarchicalLIT(nn.Module):
         intermediates: list[Tensor] = []
         x, hw = self._embed(x)
         last = len(self.layers) - 1
-        stages = self.layers[: max_index + 1] if stop_early else self.layers
+        stages = self._stages()[: max_index + 1] if stop_early else self._stages()
         for i, stage in enumerate(stages):
             x = stage.forward_blocks(x, hw)
             if i in take_indices:
@@ -269,8 +274,7 @@ class HierarchicalLIT(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         prune_end = max_index < len(self.layers) - 1
         self.layers = self.layers[: max_index + 1]
-        last: LITStage = self.layers[-1]  # type: ignore[assignment]
-        last.downsample = None
+        self._stages()[-1].downsample = None
         if prune_norm or prune_end:
             self.norm = nn.Identity()
         if prune_end:

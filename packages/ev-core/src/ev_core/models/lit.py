@@ -284,9 +284,11 @@ class LITTi(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[-1]))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.norm = norm_layer(dims[-1])
+        self.norm: nn.Module = norm_layer(dims[-1])
         self.num_features = self.head_hidden_size = dims[-1]
-        self.head: nn.Module = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.head: nn.Module = (
+            nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        )
         self.feature_info = [
             dict(num_chs=d, reduction=patch_size * 2**i, module=f"block{i + 1}")
             for i, d in enumerate(dims)
@@ -448,22 +450,22 @@ _B = dataclasses.replace(_M, embed_dim=128, num_heads=(4, 8, 16, 32), drop_path_
 @register_ev_model(LITTiConfig())
 def lit_ti(pretrained: bool = False, **kwargs: Any) -> LITTi:
     """LIT-Ti (PVT-based): 19.9 M params, 3.6 GFLOPs (paper), 81.1 % top-1."""
-    return _build(LITTi, "lit_ti", pretrained, **kwargs)  # type: ignore[no-any-return]
+    return _build(LITTi, "lit_ti", pretrained, **kwargs)
 
 
 @register_ev_model(_S)
 def lit_s(pretrained: bool = False, **kwargs: Any) -> LIT:
     """LIT-S (Swin-based): 28.0 M params, 4.1 GFLOPs (paper), 81.5 % top-1."""
-    return _build(LIT, "lit_s", pretrained, **kwargs)  # type: ignore[no-any-return]
+    return _build(LIT, "lit_s", pretrained, **kwargs)
 
 
 @register_ev_model(_M)
 def lit_m(pretrained: bool = False, **kwargs: Any) -> LIT:
     """LIT-M (Swin-based): 49.4 M params, 8.6 GFLOPs (paper), 83.0 % top-1."""
-    return _build(LIT, "lit_m", pretrained, **kwargs)  # type: ignore[no-any-return]
+    return _build(LIT, "lit_m", pretrained, **kwargs)
 
 
 @register_ev_model(_B)
 def lit_b(pretrained: bool = False, **kwargs: Any) -> LIT:
     """LIT-B (Swin-based): 87.3 M params, 15.0 GFLOPs (paper), 83.4 % top-1."""
-    return _build(LIT, "lit_b", pretrained, **kwargs)  # type: ignore[no-any-return]
+    return _build(LIT, "lit_b", pretrained, **kwargs)

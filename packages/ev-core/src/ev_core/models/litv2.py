@@ -155,7 +155,7 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> LITv2:
     from ev_core.registry import get_model_config
 
     args = {**dataclasses.asdict(get_model_config(variant)), **kwargs}
-    return build_model_with_cfg(  # type: ignore[no-any-return]
+    return build_model_with_cfg(
         LITv2,
         variant,
         pretrained,
@@ -194,5 +194,3 @@ def litv2_m(pretrained: bool = False, **kwargs: Any) -> LITv2:
 def litv2_b(pretrained: bool = False, **kwargs: Any) -> LITv2:
     """LITv2-B: C=128, depths (2,2,18,2), 86.5 M params, 13.2 GFLOPs (paper), 83.6 % top-1."""
     return _create("litv2_b", pretrained, **kwargs)
-
-

@@ -575,8 +575,9 @@ class ContrastiveTrainer:
         logs["loss"] = total.detach()
         self.scaler.scale(total.float() / n_micro).backward()
         if momentum is not None and self.queue is not None:
-            keys = torch.cat([momentum[0].embedding, momentum[1].embedding]).float()
-            self.queue.enqueue(keys, gather_distributed=self.distributed)
+            # view by view, so that the queue order matches the single-process global batch
+            for keys in (momentum[0].embedding, momentum[1].embedding):
+                self.queue.enqueue(keys.float(), gather_distributed=self.distributed)
         return logs
 
     def _optimizer_step(self) -> float:

@@ -22,11 +22,13 @@ from ev_reid.records import ReidRecord
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "CombinedDataset",
     "DatasetLayoutError",
     "ReidDataset",
     "combine_datasets",
     "find_dataset_dir",
     "list_images",
+    "parse_market_style",
     "relabel",
 ]
 
@@ -91,7 +93,7 @@ def find_dataset_dir(
     )
 
 
-def list_images(directory: Path, *, expected: str, recursive: bool = False) -> list[Path]:
+def list_images(directory: Path, *, expected: str) -> list[Path]:
     """Sorted image files in ``directory`` (by :data:`IMAGE_EXTENSIONS`; other files ignored).
 
     Raises:
@@ -99,9 +101,8 @@ def list_images(directory: Path, *, expected: str, recursive: bool = False) -> l
     """
     if not directory.is_dir():
         raise DatasetLayoutError("missing folder", path=directory, expected=expected)
-    pattern = "**/*" if recursive else "*"
     files = sorted(
-        p for p in directory.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        p for p in directory.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
     )
     if not files:
         raise DatasetLayoutError("folder holds no image", path=directory, expected=expected)

@@ -275,8 +275,12 @@ def _render_labels(
         box(ax, 0.16, ax + aw, 0.52 + s / ph, _SKIN)
         box(ax, 0.16, ax + aw, (0.50 if ident.long_sleeves else 0.28) + s / ph, _SLEEVE)
     # Torso (upper garment).
-    torso = [(cx - pw / 2, y(0.15)), (cx + pw / 2, y(0.15)), (cx + 0.43 * pw, y(0.54)),
-             (cx - 0.43 * pw, y(0.54))]  # fmt: skip
+    torso = [
+        (cx - pw / 2, y(0.15)),
+        (cx + pw / 2, y(0.15)),
+        (cx + 0.43 * pw, y(0.54)),
+        (cx - 0.43 * pw, y(0.54)),
+    ]
     draw.polygon(torso, fill=_UPPER)
     if view == "side":
         ax = cx - aw / 2 + swing

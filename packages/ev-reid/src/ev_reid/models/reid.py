@@ -145,8 +145,8 @@ def create_backbone(
         raise ValueError(f"cannot build backbone {name!r} with features_only=True: {exc}") from exc
     if last_stride_1:
         set_last_stride_1(backbone)
-    channels = int(backbone.feature_info.channels()[-1])
-    return backbone, channels
+    feature_info: Any = backbone.feature_info
+    return backbone, int(feature_info.channels()[-1])
 
 
 def set_last_stride_1(backbone: nn.Module) -> None:
@@ -203,9 +203,7 @@ class ReidModel(nn.Module):
         self.part_bottleneck = self._make_neck(c * p) if p else None
         self.classifier = self._make_classifier(c)
         self.part_classifiers = (
-            nn.ModuleList([self._make_classifier(c) for _ in range(p)])
-            if p and config.num_classes
-            else None
+            nn.ModuleList([self._linear(c) for _ in range(p)]) if p and config.num_classes else None
         )
 
     def _make_neck(self, dim: int) -> nn.Module:
@@ -220,6 +218,9 @@ class ReidModel(nn.Module):
     def _make_classifier(self, dim: int) -> nn.Linear | None:
         if not self.config.num_classes:
             return None
+        return self._linear(dim)
+
+    def _linear(self, dim: int) -> nn.Linear:
         fc = nn.Linear(dim, self.config.num_classes, bias=False)
         nn.init.normal_(fc.weight, std=1e-3)
         return fc
@@ -231,11 +232,13 @@ class ReidModel(nn.Module):
 
     def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone's last feature map: ``x [B, 3, H, W]`` → ``[B, C, h, w]``."""
-        return self.backbone(x)[-1]  # type: ignore[no-any-return]
+        out: torch.Tensor = self.backbone(x)[-1]
+        return out
 
     def pool_global(self, fmap: torch.Tensor) -> torch.Tensor:
         """``fmap [B, C, h, w]`` → pooled global feature ``[B, C]``."""
-        return self.pool(fmap).flatten(1)  # type: ignore[no-any-return]
+        pooled: torch.Tensor = self.pool(fmap)
+        return pooled.flatten(1)
 
     def pool_stripes(self, fmap: torch.Tensor) -> torch.Tensor:
         """``fmap [B, C, h, w]`` → stripe features ``[B, P, C]`` (P = ``num_stripes``)."""

@@ -1,0 +1,178 @@
+"""Mesa vs baseline training: peak memory, step time, saved activations, batch headroom.
+
+For each model and batch size one AMP training step (forward, cross-entropy, backward, AdamW)
+is timed for the unconverted model (the group's baseline) and for the same model after
+``ev_compress.mesa.convert``. Memory: the peak during one step (``ev_core.benchmark``:
+``torch.cuda.max_memory_allocated`` above the memory in use before the step on a GPU, peak RSS
+on the CPU), and the bytes saved for backward by one forward
+(:class:`ev_compress.mesa.SavedTensorMeter`, parameters excluded). How much larger a batch fits
+in the baseline's memory: ``headroom_peak`` = (baseline peak − gradient bytes) / (Mesa peak −
+gradient bytes) (GPU; the activation part scales with the batch) and ``headroom_saved`` =
+baseline / Mesa saved activations (the activation-only bound; the CPU figure, RSS being noisy).
+
+    python packages/ev-compress/benchmarks/bench_mesa.py --quick
+    python packages/ev-compress/benchmarks/bench_mesa.py --device cuda --batch-sizes 64 128 \\
+        --out mesa_gpu.json
+    python packages/ev-compress/benchmarks/bench_mesa.py --device cpu --batch-sizes 8 \\
+        --out mesa_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+from collections.abc import Callable
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+import ev_core  # noqa: F401  (registers the ev models, litv2_s)
+from ev_compress import mesa
+from ev_core.benchmark import BenchmarkSuite
+from ev_core.progress import progress
+
+MODELS = ("deit_small_patch16_224", "swin_tiny_patch4_window7_224", "pvt_v2_b2", "litv2_s")
+AMP = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
+
+
+def _make(name: str, img_size: int) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs: dict[str, Any] = {}
+    if img_size != 224:
+        kwargs["img_size"] = img_size
+    return timm.create_model(name, **kwargs)
+
+
+def _train_step(
+    model: nn.Module, x: torch.Tensor, amp: torch.dtype | None
+) -> Callable[[], torch.Tensor]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
+    scaler = torch.amp.GradScaler(x.device.type, enabled=amp == torch.float16)
+    ctx: Callable[[], contextlib.AbstractContextManager[Any]] = (
+        (lambda: torch.autocast(x.device.type, dtype=amp))
+        if amp is not None
+        else contextlib.nullcontext
+    )
+
+    def step() -> torch.Tensor:
+        with ctx():
+            loss = nn.functional.cross_entropy(model(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> int:
+    ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    with ctx, mesa.SavedTensorMeter(model.parameters()) as meter:
+        out = model(x)
+    del out
+    return meter.total_bytes
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
+    parser.add_argument("--out", default=None, help="JSON output path")
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 128])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", choices=list(AMP), default=None, help="fp16 (GPU) / bf16 (CPU)")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--min-run-time", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.batch_sizes, args.img_size, args.min_run_time = (
+            ["deit_small_patch16_224"],
+            [2],
+            64,
+            0.05,
+        )
+    device = torch.device(args.device)
+    amp_name = args.amp or ("fp16" if device.type == "cuda" else "bf16")
+    amp = AMP[amp_name]
+    suite = BenchmarkSuite(
+        "mesa",
+        device=device,
+        min_run_time=args.min_run_time,
+        warmup=1 if args.quick or device.type == "cpu" else 3,
+    )
+    suite.notes.update(
+        {
+            "amp": amp_name,
+            "img_size": args.img_size,
+            "policy": mesa.MesaPolicy().to_dict(),
+            "peak_memory": "cuda max_memory_allocated above the step's start"
+            if device.type == "cuda"
+            else "peak RSS above the step's start (sampled, noisy)",
+        }
+    )
+    configs = [(m, bs) for m in args.models for bs in args.batch_sizes]
+    for name, bs in progress(configs, desc="mesa bench"):
+        group = f"{name} bs{bs} {amp_name}"
+        x = torch.randn(bs, 3, args.img_size, args.img_size, device=device)
+        rows = {}
+        for variant in ("baseline", "mesa"):
+            model = _make(name, args.img_size).to(device)
+            if variant == "mesa":
+                mesa.convert(model)
+            grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            try:
+                saved = _saved_bytes(model, x, amp)
+                rows[variant] = suite.add(
+                    variant,
+                    _train_step(model, x, amp),
+                    group=group,
+                    baseline=variant == "baseline",
+                    memory=True,
+                    items_per_call=bs,
+                    saved_activation_mib=saved / 2**20,
+                    grad_mib=grad_bytes / 2**20,
+                    model=name,
+                    batch_size=bs,
+                )
+            except torch.OutOfMemoryError as exc:
+                suite.add_failure(variant, group, f"out of memory: {exc}".splitlines()[0])
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        base, ours = rows.get("baseline"), rows.get("mesa")
+        if base and ours and base.peak_memory_mib and ours.peak_memory_mib:
+            grad_mib = ours.extra["grad_mib"]
+            ours.extra["saved_activation_ratio"] = (
+                ours.extra["saved_activation_mib"] / base.extra["saved_activation_mib"]
+            )
+            ours.extra["headroom_saved"] = 1.0 / ours.extra["saved_activation_ratio"]
+            if ours.peak_memory_mib > grad_mib and base.peak_memory_mib > grad_mib:
+                ours.extra["headroom_peak"] = (base.peak_memory_mib - grad_mib) / (
+                    ours.peak_memory_mib - grad_mib
+                )
+    suite.print_table()
+    print("\n| group | saved activations MiB (base → Mesa) | ratio | headroom (saved / peak) |")
+    print("|---|---|---|---|")
+    for row in suite.rows:
+        if row.extra.get("saved_activation_ratio") is not None:
+            base = next(r for r in suite.rows if r.group == row.group and r.baseline)
+            peak = row.extra.get("headroom_peak")
+            print(
+                f"| {row.group} | {base.extra['saved_activation_mib']:.1f} → "
+                f"{row.extra['saved_activation_mib']:.1f} | "
+                f"{row.extra['saved_activation_ratio']:.2f} | "
+                f"{row.extra['headroom_saved']:.2f}× / "
+                f"{'–' if peak is None else format(peak, '.2f') + '×'} |"
+            )
+    if args.out:
+        print(f"wrote {suite.write_json(args.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The ev-compress demo and the ``mesa-summary`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from ev_compress.cli import app
+from ev_compress.demo import run_demo
+
+
+def test_demo_writes_metrics_and_plot(tmp_path: Path) -> None:
+    metrics = run_demo(tmp_path, quick=True)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["saved_bytes_mesa"] == metrics["saved_bytes_mesa"]
+    assert metrics["saved_ratio"] < 0.3
+    assert len(metrics["loss_mesa"]) == len(metrics["loss_baseline"]) == 12
+    assert metrics["final_loss_gap"] < 0.15
+    assert (tmp_path / "mesa_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "config.json").exists()
+
+
+def test_mesa_summary_command() -> None:
+    result = CliRunner().invoke(
+        app,
+        ["mesa-summary", "vit_tiny_patch16_224", "--img-size", "32", "--exclude", "head"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "blocks.0.attn | sdpa0 | q" in result.output
+    assert "| head |" not in result.output
+    assert "expected saving" in result.output
