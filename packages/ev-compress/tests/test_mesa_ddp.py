@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ev_testing import run_distributed
 from torch import Tensor, nn
 
 from ev_compress import mesa
+from ev_testing import run_distributed
 
 
 class TinyBlock(nn.Module):

@@ -223,8 +223,9 @@ def test_exception_inside_forward_leaves_no_mode_active() -> None:
 
 
 def test_ev_litv2_exact_and_close() -> None:
-    import ev_core  # noqa: F401  (registers the ev models with timm)
     import timm
+
+    import ev_core  # noqa: F401  (registers the ev models with timm)
 
     if "litv2_s" not in timm.list_models("litv2*"):
         pytest.skip("ev-core does not register litv2_s in this version")

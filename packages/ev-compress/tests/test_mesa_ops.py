@@ -9,11 +9,11 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from ev_testing import BaseTester
 from torch import Tensor, nn
 
 from ev_compress import mesa
 from ev_compress.mesa.quant import Layout
+from ev_testing import BaseTester
 
 
 class Call(nn.Module):
@@ -175,7 +175,11 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], list[Tensor]], floa
     ),
     "sdpa": (
         lambda: Call(lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
-        lambda: [torch.randn(2, 3, 12, 8) * 2, torch.randn(2, 3, 12, 8) * 2, torch.randn(2, 3, 12, 8)],
+        lambda: [
+            torch.randn(2, 3, 12, 8) * 2,
+            torch.randn(2, 3, 12, 8) * 2,
+            torch.randn(2, 3, 12, 8),
+        ],
         0.05,
     ),
     "sdpa_dropout": (

@@ -80,7 +80,7 @@ def test_round_trip_error_bound(dtype: torch.dtype) -> None:
     torch.manual_seed(1)
     x = (torch.randn(4, 6, 9, 8) * torch.linspace(0.1, 5, 6)[:, None, None]).to(dtype)
     layout = make_layout(x.shape, "heads")
-    ranges, mins = _naive_group_stats(x, 1, 6)
+    ranges, _ = _naive_group_stats(x, 1, 6)
     steps = torch.tensor(ranges) / 255
     for stochastic, bound in ((False, 0.5), (True, 1.0)):
         q = quantize(x, layout, stochastic=stochastic)

@@ -43,7 +43,7 @@ def test_peak_memory_sees_a_large_allocation() -> None:
 
 
 def test_ev_demo_reports_packages_without_demo(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--only", "core"])
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--only", "core", "--quick"])
     assert result.exit_code in (0, 1), result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) == {"ran", "no_demo_yet", "failed"}

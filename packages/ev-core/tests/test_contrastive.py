@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -93,7 +94,9 @@ def _ref_macl(
     return torch.stack(terms).mean(), tau, a
 
 
-def _inputs(b: int = 6, d: int = 5, k: int | None = 4, seed: int = 0):
+def _inputs(
+    b: int = 6, d: int = 5, k: int | None = 4, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     g = torch.Generator().manual_seed(seed)
     z1 = torch.randn(b, d, generator=g, dtype=F64)
     z2 = (z1 + 0.7 * torch.randn(b, d, generator=g, dtype=F64)).requires_grad_(True)
@@ -123,7 +126,9 @@ def test_info_nce_matches_reference(arrangement: str, bank_size: int | None) -> 
         assert_close(g, r)
     pairs = _ref_pairs(z1.detach(), z2.detach(), bank, arrangement)
     assert out.num_negatives == len(pairs[0][1])
-    assert_close(out.alignment, torch.tensor(sum(float(p) for p, _ in pairs) / len(pairs), dtype=F64))
+    assert_close(
+        out.alignment, torch.tensor(sum(float(p) for p, _ in pairs) / len(pairs), dtype=F64)
+    )
     assert float(out.temperature) == pytest.approx(0.2)
     acc = sum(all(float(p) > float(n) for n in negs) for p, negs in pairs) / len(pairs)
     assert float(out.accuracy) == pytest.approx(acc)
@@ -146,6 +151,7 @@ def test_info_nce_per_anchor_and_module() -> None:
 
 def test_info_nce_gradcheck() -> None:
     z1, z2, bank = _inputs(b=3, d=4, k=2)
+    assert bank is not None
     assert BaseTester.gradcheck(
         lambda a, b, c: info_nce_loss(a, b, c, temperature=0.3).loss, [z1, z2, bank]
     )
@@ -153,6 +159,7 @@ def test_info_nce_gradcheck() -> None:
 
 def test_info_nce_low_precision_inputs() -> None:
     z1, z2, bank = _inputs(b=8, d=16)
+    assert bank is not None
     lo1, lo2 = z1.detach().bfloat16(), z2.detach().bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = info_nce_loss(lo1, lo2, bank.bfloat16(), temperature=0.1)
@@ -223,7 +230,11 @@ def test_macl_temperature_rises_with_alignment() -> None:
     assert aligns == sorted(aligns)
     assert temps == sorted(temps) and temps[-1] > temps[0] + 0.02
     # above/below the reference alignment A0 the temperature is above/below τ0
-    assert float(macl_temperature(0.9, 0.1, 0.5, 0.5)) > 0.1 > float(macl_temperature(0.1, 0.1, 0.5, 0.5))
+    assert (
+        float(macl_temperature(0.9, 0.1, 0.5, 0.5))
+        > 0.1
+        > float(macl_temperature(0.1, 0.1, 0.5, 0.5))
+    )
     assert float(macl_temperature(torch.tensor(0.4), 0.2, 1.0, 0.4)) == pytest.approx(0.2)
 
 
@@ -255,7 +266,7 @@ def test_macl_alpha_zero_is_reweighted_infonce() -> None:
         ({"tau0": 0.0}, "tau0"),
     ],
 )
-def test_macl_validates_hyperparameters(kwargs: dict[str, float], match: str) -> None:
+def test_macl_validates_hyperparameters(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         MACLLoss(**kwargs)
     z = torch.randn(4, 3)
@@ -293,7 +304,7 @@ def _ref_supcon(feats: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.
             continue
         den = sum(torch.exp(_cos(feats[i], feats[a]) / tau) for a in range(n) if a != i)
         terms = [torch.log(torch.exp(_cos(feats[i], feats[p]) / tau) / den) for p in pos]
-        losses.append(-sum(terms) / len(pos))
+        losses.append(-torch.stack(terms).sum() / len(pos))
     return torch.stack(losses).mean()
 
 
@@ -405,13 +416,15 @@ def _dist_worker(rank: int, world: int, data: dict[str, torch.Tensor], expected:
     assert int(q.ptr) == int(expected["queue_ptr"])
 
 
-def _dist_cases():
+def _dist_cases() -> list[tuple[str, Any]]:
     return [
         ("infonce", lambda a, b, bank, y, g: info_nce_loss(a, b, bank, gather_distributed=g)),
         ("macl", lambda a, b, bank, y, g: macl_loss(a, b, tau0=0.2, gather_distributed=g)),
         (
             "macl_moco",
-            lambda a, b, bank, y, g: macl_loss(a, b, bank, arrangement="moco", gather_distributed=g),
+            lambda a, b, bank, y, g: macl_loss(
+                a, b, bank, arrangement="moco", gather_distributed=g
+            ),
         ),
         (
             "supcon",

@@ -65,21 +65,29 @@ def main() -> None:
     gallery = clustered_features(args.n, args.dim, n_clusters, seed=0)
     queries = clustered_features(args.queries, args.dim, n_clusters, seed=0)[: args.queries]
     queries += 0.1 * torch.randn(queries.shape, generator=torch.Generator().manual_seed(1))
-    records = [ReidRecord(path=f"img_{i:07d}.jpg", pid=i % 4101, camid=i % 15) for i in range(args.n)]
+    records = [
+        ReidRecord(path=f"img_{i:07d}.jpg", pid=i % 4101, camid=i % 15) for i in range(args.n)
+    ]
 
     suite = BenchmarkSuite("reid_retrieval", min_run_time=0.5 if args.quick else 2.0, warmup=1)
     suite.notes.update(n=args.n, dim=args.dim, queries=args.queries, k=args.k, clusters=n_clusters)
     group = f"search {args.queries} queries, N={args.n:,} x {args.dim}, k={args.k}"
     pq_m = 64 if args.dim % 64 == 0 else 8
     configs = [
-        ("faiss flat IP (exact)", IndexConfig(backend="faiss-flat"), True),
-        ("torch exact (cpu)", IndexConfig(backend="torch"), False),
-        ("faiss IVF-PQ", IndexConfig(backend="faiss-ivfpq", pq_m=pq_m, nprobe=32), False),
-        ("faiss HNSW", IndexConfig(backend="faiss-hnsw"), False),
+        ("faiss flat IP (exact)", IndexConfig(backend=IndexBackend.FAISS_FLAT), True),
+        ("torch exact (cpu)", IndexConfig(backend=IndexBackend.TORCH), False),
+        (
+            "faiss IVF-PQ",
+            IndexConfig(backend=IndexBackend.FAISS_IVFPQ, pq_m=pq_m, nprobe=32),
+            False,
+        ),
+        ("faiss HNSW", IndexConfig(backend=IndexBackend.FAISS_HNSW), False),
     ]
     if torch.cuda.is_available():
-        configs.append(("torch exact (cuda)", IndexConfig(backend="torch", device="cuda"), False))
-        gpu_cfg = IndexConfig(backend="faiss-flat", device="cuda")
+        configs.append(
+            ("torch exact (cuda)", IndexConfig(backend=IndexBackend.TORCH, device="cuda"), False)
+        )
+        gpu_cfg = IndexConfig(backend=IndexBackend.FAISS_FLAT, device="cuda")
         if IndexBackend.FAISS_FLAT not in backend_problems(gpu_cfg):
             configs.append(("faiss-gpu flat IP (exact)", gpu_cfg, False))
 
@@ -98,9 +106,13 @@ def main() -> None:
         if is_base:
             exact_idx = idx
         assert exact_idx is not None
+
+        def search(index: ReidIndex = index) -> None:
+            index.search_arrays(queries, args.k)
+
         row = suite.add(
             name,
-            lambda index=index: index.search_arrays(queries, args.k),
+            search,
             group=group,
             baseline=is_base,
             items_per_call=args.queries,

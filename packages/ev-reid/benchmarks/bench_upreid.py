@@ -5,7 +5,7 @@ Setting (a small-scale stand-in for LUPerson → Market-1501):
 * a *labelled* synthetic Market-format dataset (train / query / gallery) and a disjoint
   *unlabelled* one (other identities, other seed) whose images — labels ignored — are the
   pre-training data;
-* a narrow ResNet-18 (last stride 1) at 128×64;
+* a narrow ResNet-18 (channels 16-32-64-128, last stride 1) at 64×32;
 * three initialisations, each fine-tuned with the same BoT recipe and evaluated with the
   Market protocol (cosine distance):
 
@@ -63,13 +63,13 @@ class Sizes:
 
 FULL = Sizes(
     labelled_ids=80,
-    unlabelled_ids=100,
+    unlabelled_ids=120,
     images_per_id=10,
-    image_size=(128, 64),
+    image_size=(64, 32),
     channels=(16, 32, 64, 128),
-    pretrain_epochs=8,
-    pretrain_batch=64,
-    finetune_epochs=16,
+    pretrain_epochs=6,
+    pretrain_batch=32,
+    finetune_epochs=20,
     num_identities=8,
 )
 QUICK = Sizes(
@@ -180,13 +180,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         start = time.perf_counter()
-        common = dict(images_per_id=sizes.images_per_id, num_cameras=4, image_size=sizes.image_size)
-        labelled = Market1501(
-            generate_synthetic_market(work / "labelled", num_ids=sizes.labelled_ids, seed=0, **common)  # type: ignore[arg-type]
-        )
-        unlabelled_ds = Market1501(
-            generate_synthetic_market(work / "unlabelled", num_ids=sizes.unlabelled_ids, seed=1, **common)  # type: ignore[arg-type]
-        )
+        data = {
+            name: Market1501(
+                generate_synthetic_market(
+                    work / name,
+                    num_ids=num_ids,
+                    images_per_id=sizes.images_per_id,
+                    num_cameras=4,
+                    image_size=sizes.image_size,
+                    seed=seed,
+                )
+            )
+            for name, num_ids, seed in (
+                ("labelled", sizes.labelled_ids, 0),
+                ("unlabelled", sizes.unlabelled_ids, 1),
+            )
+        }
+        labelled, unlabelled_ds = data["labelled"], data["unlabelled"]
         unlabelled = unlabelled_ds.train + unlabelled_ds.query + unlabelled_ds.gallery
         print(labelled.summary())
         print(f"unlabelled pre-training images: {len(unlabelled)}")

@@ -141,7 +141,9 @@ def test_chunked_features_equal_full_matrix_bitwise(metric):
         assert res.mAP == ref.mAP and res.mINP == ref.mINP
         np.testing.assert_array_equal(res.query_ap, ref.query_ap)
     # and both agree with the literal reference
-    cmc, mAP, mINP, _ = reference_market(full.numpy(), qp.numpy(), gp.numpy(), qc.numpy(), gc.numpy(), 50)
+    cmc, mAP, mINP, _ = reference_market(
+        full.numpy(), qp.numpy(), gp.numpy(), qc.numpy(), gc.numpy(), 50
+    )
     np.testing.assert_allclose(ref.cmc, cmc, atol=1e-12)
     assert ref.mAP == pytest.approx(mAP, abs=1e-12) and ref.mINP == pytest.approx(mINP, abs=1e-12)
 
@@ -196,9 +198,13 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="no query has a true match"):
         evaluate_rank([[0.0, 1.0]], [1], [1, 2], [0], [0, 1])
     with pytest.raises(ValueError, match="NaN or inf"):
-        evaluate_features(torch.full((2, 3), float("nan")), torch.ones(2, 3), [1, 1], [1, 1], [0, 0], [1, 1])
-    with pytest.raises(ValueError, match="unknown metric|is not a valid"):
-        evaluate_features(torch.ones(2, 3), torch.ones(2, 3), [1, 1], [1, 1], [0, 0], [1, 1], metric="l1")
+        evaluate_features(
+            torch.full((2, 3), float("nan")), torch.ones(2, 3), [1, 1], [1, 1], [0, 0], [1, 1]
+        )
+    with pytest.raises(ValueError, match=r"unknown metric|is not a valid"):
+        evaluate_features(
+            torch.ones(2, 3), torch.ones(2, 3), [1, 1], [1, 1], [0, 0], [1, 1], metric="l1"
+        )
 
 
 class _StripeModel(nn.Module):
@@ -234,7 +240,9 @@ def test_cuda_evaluation_matches_cuda_full_matrix():
     qp, gp = torch.randint(0, 30, (300,), generator=g), torch.randint(0, 30, (500,), generator=g)
     qc, gc = torch.zeros(300, dtype=torch.long), torch.ones(500, dtype=torch.long)
     res = evaluate_features(qf, gf, qp, gp, qc, gc, device="cuda", chunk_size=1)
-    full = pairwise_distance(prepare_features(qf.cuda(), "cosine"), prepare_features(gf.cuda(), "cosine"))
+    full = pairwise_distance(
+        prepare_features(qf.cuda(), "cosine"), prepare_features(gf.cuda(), "cosine")
+    )
     ref = evaluate_rank(full, qp, gp, qc, gc)
     assert isinstance(res, RankResult)
     np.testing.assert_array_equal(res.cmc, ref.cmc)

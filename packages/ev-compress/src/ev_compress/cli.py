@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
 from ev_core.cli import make_package_app
 
 app = make_package_app(
@@ -33,12 +34,13 @@ def mesa_summary(
     import ev_core  # noqa: F401  (registers the ev models with timm)
     from ev_compress import mesa
 
-    kwargs = {"img_size": img_size} if img_size is not None else {}
+    kwargs: dict[str, Any] = {"img_size": img_size} if img_size is not None else {}
     model = timm.create_model(model_name, **kwargs)
     mesa.convert(model, mesa.MesaPolicy(exclude=tuple(exclude or ())))
     example = None
     if probe:
-        size = img_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+        cfg: dict[str, Any] = dict(getattr(model, "pretrained_cfg", None) or {})
+        size = img_size or int(cfg.get("input_size", (3, 224, 224))[-1])
         example = torch.randn(batch_size, 3, size, size)
     typer.echo(str(mesa.summary(model, example)))
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from ev_core.io import write_json
-from ev_core.progress import progress
-from ev_core.repro import dump_run_config, seed_everything
 from torch import Tensor, nn
 
 from ev_compress import mesa
+from ev_core.io import write_json
+from ev_core.progress import progress
+from ev_core.repro import dump_run_config, seed_everything
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -58,7 +58,7 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, cfg: DemoConfig, desc: str) -
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 

@@ -42,7 +42,7 @@ def _kernels() -> tuple[Any, Any]:
     import triton.language as tl
 
     @triton.jit
-    def quant_kernel(
+    def quant_kernel(  # type: ignore[no-untyped-def]  # triton kernel
         x_ptr,
         out_ptr,
         step_ptr,
@@ -70,7 +70,7 @@ def _kernels() -> tuple[Any, Any]:
         tl.store(out_ptr + offs, v.to(tl.uint8), mask=mask)
 
     @triton.jit
-    def dequant_kernel(q_ptr, out_ptr, step_ptr, min_ptr, n, rest, groups, BLOCK: tl.constexpr):
+    def dequant_kernel(q_ptr, out_ptr, step_ptr, min_ptr, n, rest, groups, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         g = (offs // rest) % groups
@@ -126,7 +126,13 @@ def dequantize(data: Tensor, step: Tensor, minimum: Tensor, dtype: torch.dtype) 
     if n:
         grid = ((n + _BLOCK - 1) // _BLOCK,)
         dequant_kernel[grid](
-            data, out, step.contiguous(), minimum.contiguous(), n, data.shape[2], data.shape[1],
+            data,
+            out,
+            step.contiguous(),
+            minimum.contiguous(),
+            n,
+            data.shape[2],
+            data.shape[1],
             BLOCK=_BLOCK,
         )
     return out

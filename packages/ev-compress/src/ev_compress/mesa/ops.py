@@ -124,7 +124,7 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx,
         x: Tensor,
         weight: Tensor,
@@ -185,7 +185,7 @@ def _expand(value: Any, n: int) -> list[int]:
 
 class _ConvFn(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx,
         x: Tensor,
         weight: Tensor,
@@ -282,7 +282,7 @@ def handle_conv(
 
 class _LayerNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx,
         x: Tensor,
         weight: Tensor | None,
@@ -363,7 +363,7 @@ def handle_layer_norm(
 
 class _BatchNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx,
         x: Tensor,
         weight: Tensor | None,
@@ -465,7 +465,7 @@ def handle_batch_norm(
 
 class _GeluFn(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx, x: Tensor, approximate: str, func: Callable[..., Tensor], quant: Quantizer
     ) -> Tensor:
         out = func(x, approximate=approximate)
@@ -498,7 +498,7 @@ def handle_gelu(
 
 class _SiluFn(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx, x: Tensor, inplace: bool, func: Callable[..., Tensor], quant: Quantizer
     ) -> Tensor:
         qx = quant(x, "input", "channels")  # before an in-place op overwrites x
@@ -537,7 +537,7 @@ def handle_silu(
 
 class _ReluFn(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx, x: Tensor, inplace: bool, call: Callable[[Tensor], Tensor]
     ) -> Tensor:
         out = call(x)
@@ -575,7 +575,7 @@ def handle_relu(
 
 class _SoftmaxFn(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx, x: Tensor, dim: int, call: Callable[[Tensor], Tensor], quant: Quantizer
     ) -> Tensor:
         out = call(x)
@@ -619,7 +619,7 @@ def handle_softmax(
 
 class _MatmulFn(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx, a: Tensor, b: Tensor, func: Callable[..., Tensor], quant: Quantizer
     ) -> Tensor:
         out = func(a, b)
@@ -673,7 +673,7 @@ def handle_matmul(
 
 class _SdpaFn(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx,
         q: Tensor,
         k: Tensor,
@@ -765,9 +765,7 @@ def handle_sdpa(
     }
     if b["enable_gqa"]:
         options["enable_gqa"] = True
-    return _SdpaFn.apply(
-        b["query"], b["key"], b["value"], b["attn_mask"], options, func, quant
-    )
+    return _SdpaFn.apply(b["query"], b["key"], b["value"], b["attn_mask"], options, func, quant)
 
 
 # ---------------------------------------------------------------------------------------------

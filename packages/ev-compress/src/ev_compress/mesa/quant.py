@@ -70,7 +70,11 @@ class GroupLayout:
 
     def view_shape(self, shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
         """``(pre, G, rest)``: the 3-D view a contiguous tensor of ``shape`` is quantised in."""
-        return math.prod(shape[: self.dim]), self.groups, math.prod(shape[self.dim :]) // self.groups
+        return (
+            math.prod(shape[: self.dim]),
+            self.groups,
+            math.prod(shape[self.dim :]) // self.groups,
+        )
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:

@@ -101,10 +101,8 @@ class RelPosAttention(MultiHeadSelfAttention):
                 "resolution-locked: build the model with the matching img_size"
             )
         pos = self.position_bias()
-        dtype = (
-            torch.get_autocast_dtype(x.device.type)
-            if torch.is_autocast_enabled(x.device.type)
-            else x.dtype
-        )
+        dev = x.device.type  # autocast has no state for e.g. the meta device
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
         pos = pos.to(dtype).unsqueeze(0)
         return super().forward(x, hw, bias=pos if bias is None else pos + bias)

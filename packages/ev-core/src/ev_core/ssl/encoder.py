@@ -69,7 +69,7 @@ class ExtraHead(Protocol):
     ``feature_map`` filled in (and the extras of the heads before it).
     """
 
-    def __call__(self, output: EncoderOutput) -> Tensor: ...
+    def __call__(self, output: EncoderOutput, /) -> Tensor: ...
 
 
 class ProjectionHead(nn.Module):

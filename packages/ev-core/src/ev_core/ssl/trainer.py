@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -224,7 +225,7 @@ class LossTerm(Protocol):
     encoder's ``extra_heads`` so that DDP synchronises them.
     """
 
-    def __call__(self, ctx: StepContext) -> Tensor | Mapping[str, Tensor]: ...
+    def __call__(self, ctx: StepContext, /) -> Tensor | Mapping[str, Tensor]: ...
 
 
 @dataclass
@@ -405,8 +406,6 @@ class ContrastiveTrainer:
         if device != "auto":
             return torch.device(device)
         if torch.cuda.is_available():
-            import os
-
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
 
@@ -712,6 +711,10 @@ class ContrastiveTrainer:
             rank_file = weights.with_name(f"last_rng_rank{self.rank}.pt")
             if rank_file.is_file():
                 rng_state = load_torch_file(rank_file)
+                if rng_state["step"] != training["step"]:
+                    raise RuntimeError(
+                        f"{rank_file} is from step {rng_state['step']}, not {training['step']}"
+                    )
             else:
                 _log.warning("no RNG state for rank %d in %s: using rank 0's", self.rank, rank_file)
         self._resume_rng = (rng_state["rng"], rng_state["epoch_rng"])
@@ -827,10 +830,10 @@ class ContrastiveTrainer:
                         and self.batch_in_epoch < n_batches
                     ):
                         self.save_checkpoint(generator)
+                self._flush_logs(lr, bar)
                 if exhausted:
                     self.epoch += 1
                     self.batch_in_epoch = 0
-                self._flush_logs(lr, bar)
                 self.save_checkpoint(generator)
         finished = not stopped_early
         encoder_path = None

@@ -97,12 +97,14 @@ def _block_rows(
     y_sq: torch.Tensor | None,
 ) -> torch.Tensor:
     """Distances of rows ``start:stop`` of ``x`` (``start`` a multiple of ``ROW_BLOCK``)."""
-    parts = []
+    if stop - start <= ROW_BLOCK:
+        return _block_distance(x[start:stop].clone(), y, y_sq, metric)
+    out = torch.empty((stop - start, y.shape[0]), dtype=x.dtype, device=x.device)
     for s in range(start, stop, ROW_BLOCK):
         # clone: a fresh allocation gives every block the same memory alignment
         xb = x[s : min(s + ROW_BLOCK, stop)].clone()
-        parts.append(_block_distance(xb, y, y_sq, metric))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+        out[s - start : s - start + xb.shape[0]] = _block_distance(xb, y, y_sq, metric)
+    return out
 
 
 def pairwise_distance(

@@ -344,7 +344,7 @@ def _evaluate_chunks(
                 raise ValueError(
                     f"distance chunk has shape {tuple(dist.shape)}, expected [*, {ng}]"
                 )
-            if torch.isnan(dist).any():
+            if torch.isnan(dist.sum()) and torch.isnan(dist).any():  # cheap test first
                 raise ValueError("distance matrix contains NaN")
             if not dist.is_floating_point():
                 dist = dist.to(torch.float64)
@@ -485,9 +485,10 @@ def evaluate_features(
 ) -> RankResult:
     """Evaluate from features without ever holding the full distance matrix.
 
-    Query chunks of ``chunk_size`` rows (rounded up to a multiple of 64) are compared with the
-    whole gallery, scored, and dropped: peak memory is about ``chunk_size × G × 20`` bytes on
-    top of the features, and the metrics are bitwise equal to
+    Query chunks of ``chunk_size`` rows (rounded up to a multiple of
+    :data:`~ev_reid.evaluation.distance.ROW_BLOCK`) are compared with the whole gallery, scored,
+    and dropped: beyond the features, memory is one ``[chunk, G]`` distance block plus the
+    entries closer than each query's farthest true match; the metrics are bitwise equal to
     ``evaluate_rank(pairwise_distance(qf, gf), ...)``.
 
     Args:

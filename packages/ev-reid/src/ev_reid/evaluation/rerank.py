@@ -206,7 +206,7 @@ def _sparse_weights(
     rows = np.repeat(np.arange(n), np.diff(indptr))
     o = (_pair_distance(x, rows, cols, metric) / dmax[rows]) ** 2
     w = np.exp(-o)
-    w /= np.add.reduceat(w, indptr[:-1])[np.repeat(np.arange(n), np.diff(indptr))]
+    w /= np.bincount(rows, weights=w, minlength=n)[rows]
     v = sp.csr_matrix((w, cols, indptr), shape=(n, n))
     if cfg.k2 > 1:  # local query expansion: mean of V over the k2 nearest neighbours
         mean_op = sp.csr_matrix(
