@@ -67,9 +67,9 @@ FULL = Sizes(
     images_per_id=10,
     image_size=(64, 32),
     channels=(16, 32, 64, 128),
-    pretrain_epochs=6,
+    pretrain_epochs=4,
     pretrain_batch=32,
-    finetune_epochs=20,
+    finetune_epochs=16,
     num_identities=8,
 )
 QUICK = Sizes(
@@ -224,6 +224,10 @@ def main() -> None:
                     "finetune_s": round(t2 - t1, 1),
                 }
                 runs.append(run)
+                if args.out is not None:  # partial results survive an interrupted run
+                    write_json(
+                        args.out, {"suite": "upreid_ablation", "partial": True, "runs": runs}
+                    )
                 print(
                     f"seed {seed} {variant:12s} mAP {run['mAP']:.4f} R1 {run['rank1']:.4f} "
                     f"mINP {run['mINP']:.4f} (pretrain {run['pretrain_s']} s, finetune "

@@ -107,6 +107,9 @@ def test_config_validation_and_small_inputs():
         RerankConfig(k1=3, k2=5)
     with pytest.raises(ValueError, match="at least 21 features"):
         k_reciprocal_rerank(torch.randn(3, 4), torch.randn(5, 4))
+    # more identical features than k1 + 1: some rows miss themselves in their neighbour list
+    same = k_reciprocal_rerank(torch.ones(4, 3), torch.ones(30, 3), config=RerankConfig(k1=5, k2=2))
+    assert same.shape == (4, 30) and torch.isfinite(same).all()
 
 
 def test_average_query_expansion_matches_explicit_loop():
