@@ -106,30 +106,6 @@ def test_dropout_and_drop_path_stay_bit_identical() -> None:
     assert F.cosine_similarity(flat_grad(ref), flat_grad(conv), dim=0) >= 0.995
 
 
-def test_training_tracks_baseline_loss_curve() -> None:
-    torch.manual_seed(0)
-    x = torch.randn(64, 3, 32, 32)
-    y = (x[:, 0, :16].mean(dim=(1, 2)) > 0).long() + 2 * (x[:, 1, 16:].mean(dim=(1, 2)) > 0).long()
-    curves = []
-    for use_mesa in (False, True):
-        model = tiny_vit()
-        if use_mesa:
-            mesa.convert(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        losses = []
-        for step in range(12):
-            idx = torch.arange(16) + 16 * (step % 4)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        curves.append(torch.tensor(losses))
-    base, ours = curves
-    assert ours[-4:].mean() < 0.7 * ours[:4].mean()  # it learns
-    assert torch.all((ours - base).abs() <= 0.1 * base + 0.02), (base, ours)
-
-
 def test_gradient_accumulation_and_checkpointing() -> None:
     ref, conv = tiny_vit(), mesa.convert(tiny_vit())
     conv.set_grad_checkpointing(True)

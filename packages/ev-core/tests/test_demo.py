@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ev_core.cli import app
 from ev_core import demo
+from ev_core.cli import app
 from ev_core.demo import run_demo
 
 # Exact parameter counts of the official code (1000-class head) and the papers' "GFLOPs"
@@ -79,12 +79,16 @@ def test_ev_demo_cli_runs_core(tmp_path: Path) -> None:
     core_dir = tmp_path / "core"
     assert summary["ran"]["ev-core"]["out_dir"] == str(core_dir)
     _check_metrics(summary["ran"]["ev-core"]["metrics"])
-    assert json.loads((core_dir / "models.json").read_text()) == summary["ran"]["ev-core"]["metrics"]
+    assert (
+        json.loads((core_dir / "models.json").read_text()) == summary["ran"]["ev-core"]["metrics"]
+    )
     _check_png(core_dir / "models.png")
     assert str(tmp_path.resolve()) in result.output
 
 
-def test_missing_matplotlib_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_matplotlib_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"ev-core\[plot\]"):
         demo._plot({}, tmp_path / "x.png")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from ev_core.layers.dtm import DeformableTokenMerging, deform_merge_2x2
+from ev_core.layers.dtm import DeformableTokenMerging, deform_merge_2x2, deform_merge_2x2_nhwc
 from ev_testing import BaseTester, assert_close
 
 
@@ -23,12 +25,15 @@ def _inputs(
     return x, off, w, b
 
 
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "autograd"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("hw", [(8, 8), (7, 9), (5, 6)])
-def test_fast_matches_torchvision_forward_backward(dtype: torch.dtype, hw: tuple[int, int]) -> None:
+def test_fast_matches_torchvision_forward_backward(
+    dtype: torch.dtype, hw: tuple[int, int], recompute: bool
+) -> None:
     inputs = [t.requires_grad_() for t in _inputs(*hw, dtype)]
     ref = deform_conv2d(inputs[0], inputs[1], inputs[2], inputs[3], stride=2)
-    out = deform_merge_2x2(*inputs)
+    out = deform_merge_2x2(*inputs, recompute=recompute)
     assert out.shape == ref.shape == (2, 5, hw[0] // 2, hw[1] // 2)  # odd sizes floor
     assert_close(out, ref)
     grad = torch.randn_like(ref)
@@ -115,3 +120,137 @@ def test_bad_inputs_raise() -> None:
         deform_merge_2x2(x, off, w[:, :2], b)
     with pytest.raises(ValueError, match="tokens"):
         DeformableTokenMerging(4, 8)(torch.randn(1, 10, 4), (3, 3))
+
+
+# --- the recomputing backward (custom autograd function) against plain autograd ---------------
+
+GRAD_NAMES = ("x", "offset", "weight", "bias")
+
+
+def _grads(
+    out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    return torch.autograd.grad(out, [t for t in inputs if t.requires_grad], g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_recompute_equals_plain_autograd(dtype: torch.dtype) -> None:
+    base = _inputs(9, 8, dtype, C=6, out=7, scale=2.0)
+    ins = [t.clone().requires_grad_() for t in base]
+    ins_plain = [t.clone().requires_grad_() for t in base]
+    out = deform_merge_2x2(*ins)
+    plain = deform_merge_2x2(*ins_plain, recompute=False)
+    assert torch.equal(out, plain)  # same forward kernels: bit-identical
+    for name, a, e in zip(GRAD_NAMES, _grads(out, ins), _grads(plain, ins_plain), strict=True):
+        assert_close(a, e, msg=f"grad of {name}")
+    # any subset of inputs requiring grad (frozen weights, fixed offsets, ...)
+    for mask in (
+        (True, False, False, False),
+        (False, True, False, False),
+        (False, False, True, True),
+    ):
+        ins = [t.clone().requires_grad_(m) for t, m in zip(base, mask, strict=True)]
+        ins_plain = [t.clone().requires_grad_(m) for t, m in zip(base, mask, strict=True)]
+        got = _grads(deform_merge_2x2(*ins), ins)
+        expected = _grads(deform_merge_2x2(*ins_plain, recompute=False), ins_plain)
+        for a, e in zip(got, expected, strict=True):
+            assert_close(a, e, msg=str(mask))
+
+
+def test_gradgradcheck_recompute() -> None:
+    """The recomputing backward is itself differentiable (double backward)."""
+    x, off, w, b = _inputs(4, 4, torch.float64, C=2, out=2, scale=0.7)
+    inputs = tuple(t.requires_grad_() for t in (x, off + 0.25, w, b))
+    assert torch.autograd.gradgradcheck(deform_merge_2x2, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+def test_bf16_recompute_matches_plain_and_reference() -> None:
+    x, off, w, b = _inputs(12, 10, torch.float32, C=16, out=32, scale=1.0)
+    ref_in = [t.clone().requires_grad_() for t in (x, off, w, b)]
+    ref = deform_conv2d(*ref_in[:3], ref_in[3], stride=2)
+    ref_grads = _grads(ref, ref_in)
+    ins = [t.bfloat16().requires_grad_() for t in (x, off, w, b)]
+    ins_plain = [t.bfloat16().requires_grad_() for t in (x, off, w, b)]
+    out = deform_merge_2x2(*ins)
+    plain = deform_merge_2x2(*ins_plain, recompute=False)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, plain)
+    got = _grads(out, ins)
+    for name, a, e, r in zip(GRAD_NAMES, got, _grads(plain, ins_plain), ref_grads, strict=True):
+        assert a.dtype == torch.bfloat16
+        scale = r.abs().max().item()
+        # recompute accumulates x's gradient in fp32, plain autograd in bf16: both are
+        # bf16-close to each other and to the fp32 torchvision gradients
+        assert_close(a, e, atol=0.02 * scale, rtol=0.02, msg=f"vs plain: grad of {name}")
+        assert_close(a, r, atol=0.05 * scale, rtol=0.05, msg=f"vs torchvision: grad of {name}")
+
+
+def test_recompute_under_autocast() -> None:
+    """fp32 inputs under CPU bf16 autocast: the GEMM runs in bf16 on both paths, the gradients
+    come back in the inputs' dtype."""
+    base = _inputs(8, 10, torch.float32, C=8, out=16, scale=1.0)
+    ins = [t.clone().requires_grad_() for t in base]
+    ins_plain = [t.clone().requires_grad_() for t in base]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = deform_merge_2x2(*ins)
+        plain = deform_merge_2x2(*ins_plain, recompute=False)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, plain)
+    for name, a, e in zip(GRAD_NAMES, _grads(out, ins), _grads(plain, ins_plain), strict=True):
+        assert a.dtype == torch.float32
+        scale = e.abs().max().item()
+        assert_close(a, e, atol=0.02 * scale, rtol=0.02, msg=f"grad of {name}")
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of every tensor autograd packs for the backward while ``fn`` runs."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recompute_saves_only_input_offset_weight(dtype: torch.dtype) -> None:
+    B, H, W, C, O = 2, 16, 16, 16, 32  # noqa: E741
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, H, W, C, generator=g).to(dtype).requires_grad_()
+    off = torch.randn(B, H // 2, W // 2, 8, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(O, C, 2, 2, generator=g).to(dtype).requires_grad_()
+    b = torch.randn(O, generator=g).to(dtype).requires_grad_()
+    e = x.element_size()
+    n_out = B * (H // 2) * (W // 2)
+    taps = n_out * 4 * C  # elements of the gathered [B, Ho, Wo, 4C] tap matrix (= x here)
+    recompute = _saved_bytes(lambda: deform_merge_2x2_nhwc(x, off, w, b))
+    plain = _saved_bytes(lambda: deform_merge_2x2_nhwc(x, off, w, b, recompute=False))
+    # recompute: exactly x, offset and weight
+    assert recompute == (B * H * W * C + n_out * 8 + O * C * 4) * e
+    # plain autograd keeps at least the 4 gathered corner tensors and the tap matrix (5 taps)
+    # and the tap-major weight copy; with torch 2.14 also, per corner and sample, the row index
+    # (int64), both bilinear factors (fp32), the validity mask (bool) and the weight (dtype):
+    # 4 · (17 + e) · 4·n_out bytes more (asserted as a lower bound only: autograd internals)
+    lower = (5 * taps + 4 * C * O) * e
+    assert plain >= lower
+    assert recompute / plain <= (B * H * W * C + n_out * 8 + O * C * 4) / (5 * taps + 4 * C * O)
+    assert recompute / plain < 0.3  # ≈ 1/5 for large C, here 0.21 (fp32) / 0.17 (bf16)
+
+
+def test_compile_fullgraph_forward_backward_recompute() -> None:
+    """Dynamo traces the custom autograd function, forward and backward, without breaks."""
+    torch._dynamo.reset()
+    base = _inputs(8, 6, torch.float32, C=4, out=6)
+    ins = [t.clone().permute(0, 2, 3, 1).requires_grad_() for t in base[:2]] + [
+        t.clone().requires_grad_() for t in base[2:]
+    ]
+    eager_ins = [t.detach().clone().requires_grad_() for t in ins]
+    compiled = torch.compile(deform_merge_2x2_nhwc, fullgraph=True, backend="aot_eager")
+    out = compiled(*ins)
+    expected = deform_merge_2x2_nhwc(*eager_ins)
+    assert_close(out, expected)
+    for name, a, e in zip(GRAD_NAMES, _grads(out, ins), _grads(expected, eager_ins), strict=True):
+        assert_close(a, e, msg=f"grad of {name}")

@@ -288,6 +288,31 @@ def test_gradient_accumulation_is_the_mean_of_micro_batches() -> None:
         torch.testing.assert_close(p, p0 - grad, msg=name)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_cuda_fp16_training(method: str) -> None:
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(x), batch_size=16, shuffle=True)
+    seen: list[StepContext] = []
+
+    def spy(ctx: StepContext) -> torch.Tensor:
+        seen.append(ctx)
+        return ctx.online[0].embedding.float().pow(2).mean() * 0
+
+    cfg = PretrainConfig(method=method, loss="macl", epochs=2, queue_size=40, lr=0.1)  # type: ignore[arg-type]
+    trainer = ContrastiveTrainer(
+        _encoder(), cfg, view_generator=_noise_views, loss_terms=[LossTermSpec("spy", spy)]
+    )
+    assert trainer.device.type == "cuda" and trainer.scaler.is_enabled()  # fp16 + GradScaler
+    result = trainer.fit(loader)
+    assert result.step == 8
+    assert seen[0].online[0].embedding.dtype == torch.float16
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+    assert all(p.is_cuda and torch.isfinite(p).all() for p in trainer.encoder.parameters())
+    if method == "moco":
+        assert trainer.queue is not None and len(trainer.queue) == 40
+
+
 def _resume_config(out_dir: Path) -> PretrainConfig:
     return PretrainConfig(
         method="moco",

@@ -128,6 +128,20 @@ def test_any_timm_backbone_and_bad_names() -> None:
         ReidModelConfig(pooling="max")  # type: ignore[arg-type]
 
 
+def test_ev_core_litv2_backbone_with_stripes() -> None:
+    cfg = ReidModelConfig(
+        backbone="litv2_s",
+        backbone_kwargs={"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8)},
+        num_classes=3,
+        num_stripes=2,
+        pooling="gem",
+    )
+    model = ReidModel(cfg)
+    out = model(torch.randn(2, 3, 128, 64))  # stride 32: a 4 x 2 map, two rows per stripe
+    assert isinstance(out, ReidOutput) and out.part_logits is not None
+    assert out.features.shape == (2, 128) and out.part_logits.shape == (2, 2, 3)
+
+
 def test_load_backbone_weights_from_timm_file_and_reid_checkpoint(tmp_path: Path) -> None:
     import timm
 

@@ -22,6 +22,7 @@ from ev_reid.pretrain import (
     global_consistency_loss,
     local_stripe_contrast,
     pretrain_upreid,
+    unlabelled_records,
 )
 from ev_reid.train import ReidCriterion, TrainConfig, bot_lr_factor, train, train_step
 from ev_testing import assert_close, run_distributed
@@ -175,10 +176,33 @@ def test_pretrain_upreid_writes_a_backbone_that_finetuning_loads(
     state, _ = load_checkpoint(result.backbone_path)
     assert_close(model.backbone.state_dict()["conv1.weight"], state["backbone.conv1.weight"])
 
+    simclr = _tiny_upreid(tmp_path / "simclr", local_term=False)
+    simclr.ssl.method = "simclr"
+    logged = pretrain_upreid(simclr, synthetic.train).history[-1]
+    assert "global" in logged and "local" not in logged
+    assert math.isclose(logged["loss"], logged["instance"] + logged["global"], rel_tol=1e-5)
     ablated = pretrain_upreid(
         _tiny_upreid(tmp_path / "ablated", global_term=False, local_term=False), synthetic.train
     )
     assert not {"global", "local"} & set(ablated.history[-1])
+
+
+def test_unlabelled_image_folder(synthetic: Market1501, tmp_path: Path) -> None:
+    import shutil
+
+    for i, rec in enumerate(synthetic.train[:5]):
+        sub = tmp_path / "images" / f"part{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        shutil.copy(rec.path, sub / Path(rec.path).name)
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    records = unlabelled_records(tmp_path / "images")
+    assert len(records) == 5 and all(r.pid == -1 for r in records)
+    assert [r.path for r in records] == sorted(r.path for r in records)
+    from ev_reid.datasets import DatasetLayoutError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetLayoutError, match="no image"):
+        unlabelled_records(tmp_path / "empty")
 
 
 def test_bot_lr_schedule() -> None:
@@ -274,6 +298,22 @@ def _ddp_worker(rank: int, world_size: int) -> None:
 @pytest.mark.distributed
 def test_ddp_step_matches_single_process_gradient_average() -> None:
     run_distributed(_ddp_worker, world_size=2)
+
+
+def test_bf16_autocast_step_is_finite_and_close_to_fp32() -> None:
+    torch.manual_seed(0)
+    model = ReidModel(
+        ReidModelConfig(backbone="resnet18", backbone_kwargs=dict(TINY), num_classes=4)
+    )
+    images = torch.randn(8, 3, 64, 32)
+    pids = torch.arange(4).repeat_interleave(2)
+    crit = ReidCriterion()
+    ref, _ = train_step(model, crit, images, pids)
+    amp, _ = train_step(
+        model, crit, images, pids, autocast=torch.autocast("cpu", dtype=torch.bfloat16)
+    )
+    assert amp.dtype == torch.float32 and bool(torch.isfinite(amp.detach()))
+    assert abs(float(amp.detach()) - float(ref.detach())) < 0.05 * float(ref.detach())
 
 
 def test_criterion_matches_its_parts() -> None:

@@ -170,10 +170,12 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ImportError("the ev-core demo figure needs matplotlib: pip install ev-core[plot]") from exc
+        raise ImportError(
+            "the ev-core demo figure needs matplotlib: pip install ev-core[plot]"
+        ) from exc
     fig = Figure(figsize=(11, 4.2))
     ax_zoo, ax_speed = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
-    for family, color in (("litv2", "tab:blue"), ("lit", "tab:orange")):
+    for family, color, dy in (("litv2", "tab:blue", -12), ("lit", "tab:orange", 5)):
         names = [n for n in metrics["models"] if n.split("_")[0] == family]
         rows = [metrics["models"][n] for n in names]
         ax_zoo.scatter([r["params"] / 1e6 for r in rows], [r["gmacs"] for r in rows],
@@ -183,7 +185,7 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
                        label="_paper" if family == "lit" else "paper (exact params, GFLOPs)")  # fmt: skip
         for n, r in zip(names, rows, strict=True):
             ax_zoo.annotate(f"{n} ({r['paper_top1']}%)", (r["params"] / 1e6, r["gmacs"]),
-                            textcoords="offset points", xytext=(6, -10), fontsize=8)  # fmt: skip
+                            textcoords="offset points", xytext=(7, dy), fontsize=8)  # fmt: skip
     ax_zoo.set_xlabel("parameters (M)")
     ax_zoo.set_ylabel(f"GMACs at {metrics['flops_img_size']}²")
     ax_zoo.set_title("LIT / LITv2: ev count vs paper (label: paper top-1)")
@@ -192,7 +194,9 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     speed = metrics["throughput"]
     names = list(speed)
     values = [speed[n]["img_per_s"] for n in names]
-    bars = ax_speed.bar(range(len(names)), values, color=["grey", "tab:blue", "tab:orange"][: len(names)])
+    bars = ax_speed.bar(
+        range(len(names)), values, color=["grey", "tab:blue", "tab:orange"][: len(names)]
+    )
     ax_speed.bar_label(bars, labels=[f"{speed[n]['speed_vs_baseline']:.2f}×" for n in names])
     ax_speed.set_xticks(range(len(names)), [n.split("_patch")[0] for n in names])
     ax_speed.set_ylabel("images / s")

@@ -15,8 +15,10 @@ Two interchangeable paths compute the deformable convolution:
   samples its four tap points (gathers in the activation dtype, coordinates in fp32/fp64) and a
   single GEMM with the weight permuted tap-major (``[C_out, 4·C]``, column ``k·C + c``) maps
   the ``[B·Ho·Wo, 4·C]`` samples to the output. Pure PyTorch: any dtype (bf16 included), any
-  device, autograd backward, ``torch.compile`` friendly, and it works on channels-last (NHWC)
-  tokens without a layout change.
+  device, ``torch.compile`` friendly, and it works on channels-last (NHWC) tokens without a
+  layout change. Its backward is a custom autograd function that saves only the input, the
+  offsets and the weight and recomputes the gathers (plain autograd would keep five
+  input-sized tensors: the four gathered corners and the tap matrix).
 
 Sampling semantics (identical to DCNv1 / torchvision): output ``(oy, ox)``, tap ``k = 2i + j``
 with offset ``(Δy_k, Δx_k)`` (offset channels ``[Δy₀, Δx₀, Δy₁, Δx₁, …]``) samples the input at
@@ -27,7 +29,8 @@ zero. Odd sizes are floored like ``deform_conv2d(k=2, s=2, p=0)``: ``Ho = ⌊H/2
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,25 +48,35 @@ DTMPath = Literal["fast", "torchvision"]
 _PATHS = ("fast", "torchvision")
 
 
-def _bilinear_taps_nhwc(x: Tensor, offset: Tensor) -> Tensor:
-    """Bilinear samples of the four 2×2 taps of every output.
+_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+def _corners(
+    offset: Tensor, H: int, W: int
+) -> Iterator[tuple[int, int, Tensor, Tensor, Tensor, Tensor]]:
+    """Bilinear corners of the four 2×2 tap points of every output.
 
     Args:
-        x: ``[B, H, W, C]`` input map (any floating dtype).
         offset: ``[B, Ho, Wo, 8]`` offsets ``[Δy₀, Δx₀, …, Δy₃, Δx₃]`` in pixels.
+        H: input height.
+        W: input width.
 
-    Returns:
-        ``[B, Ho, Wo, 4·C]``, tap-major (column ``k·C + c``), in ``x``'s dtype.
+    Yields:
+        For the corners ``(dy, dx)`` in ``(0, 0), (0, 1), (1, 0), (1, 1)``: ``dy``, ``dx``,
+        ``idx`` (``[B, Ho, Wo, 4]`` rows of the ``[B·H·W, C]`` input, clamped into the map),
+        ``wy``, ``wx`` (the bilinear factors, ``[B, Ho, Wo, 4]``, coordinate dtype) and
+        ``valid`` (``[B, Ho, Wo, 4]`` bool, corner inside the map). The sample of tap ``k`` is
+        ``Σ_corners x[idx]·wy·wx·valid``.
     """
-    B, H, W, C = x.shape
-    Ho, Wo = offset.shape[1], offset.shape[2]
+    B, Ho, Wo = offset.shape[0], offset.shape[1], offset.shape[2]
+    dev = offset.device
     # Coordinates in at least fp32: bf16 cannot even represent integer pixel positions > 256.
     pdt = torch.promote_types(offset.dtype, torch.float32)
     off = offset.to(pdt).reshape(B, Ho, Wo, 4, 2)
-    tap_i = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=pdt, device=x.device)
-    tap_j = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=pdt, device=x.device)
-    base_y = torch.arange(Ho, dtype=pdt, device=x.device).mul(2).view(Ho, 1, 1) + tap_i
-    base_x = torch.arange(Wo, dtype=pdt, device=x.device).mul(2).view(1, Wo, 1) + tap_j
+    tap_i = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=pdt, device=dev)
+    tap_j = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=pdt, device=dev)
+    base_y = torch.arange(Ho, dtype=pdt, device=dev).mul(2).view(Ho, 1, 1) + tap_i
+    base_x = torch.arange(Wo, dtype=pdt, device=dev).mul(2).view(1, Wo, 1) + tap_j
     py = base_y + off[..., 0]  # [B, Ho, Wo, 4]
     px = base_x + off[..., 1]
     y0 = torch.floor(py)
@@ -74,23 +87,116 @@ def _bilinear_taps_nhwc(x: Tensor, offset: Tensor) -> Tensor:
     hx = 1.0 - lx
     y0i = y0.long()
     x0i = x0.long()
-    flat = x.reshape(B * H * W, C)
-    batch_base = (torch.arange(B, device=x.device) * (H * W)).view(B, 1, 1, 1)
-    out: Tensor | None = None
-    for dy, dx, w in ((0, 0, hy * hx), (0, 1, hy * lx), (1, 0, ly * hx), (1, 1, ly * lx)):
+    batch_base = (torch.arange(B, device=dev) * (H * W)).view(B, 1, 1, 1)
+    for dy, dx in _CORNERS:
         yy = y0i + dy
         xx = x0i + dx
         valid = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
         idx = yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1) + batch_base
+        yield dy, dx, idx, (ly if dy else hy), (lx if dx else hx), valid
+
+
+def _bilinear_taps_nhwc(x: Tensor, offset: Tensor) -> Tensor:
+    """Bilinear samples of the four 2×2 taps of every output (differentiable by autograd).
+
+    Args:
+        x: ``[B, H, W, C]`` input map (any floating dtype).
+        offset: ``[B, Ho, Wo, 8]`` offsets ``[Δy₀, Δx₀, …, Δy₃, Δx₃]`` in pixels.
+
+    Returns:
+        ``[B, Ho, Wo, 4·C]``, tap-major (column ``k·C + c``), in ``x``'s dtype.
+    """
+    B, H, W, C = x.shape
+    Ho, Wo = offset.shape[1], offset.shape[2]
+    flat = x.reshape(B * H * W, C)
+    out: Tensor | None = None
+    for _, _, idx, wy, wx, valid in _corners(offset, H, W):
         vals = flat.index_select(0, idx.reshape(-1)).view(B, Ho, Wo, 4, C)
-        term = vals * (w * valid).to(x.dtype).unsqueeze(-1)
+        term = vals * (wy * wx * valid).to(x.dtype).unsqueeze(-1)
         out = term if out is None else out + term
     assert out is not None
     return out.reshape(B, Ho, Wo, 4 * C)
 
 
+def _tap_major(weight: Tensor) -> Tensor:
+    """``[C_out, C, 2, 2]`` → ``[C_out, 4·C]`` with column ``k·C + c`` (``k = 2i + j``)."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 4 * weight.shape[1])
+
+
+class _DeformMerge2x2(torch.autograd.Function):
+    """The fast DTM op with a recomputing backward.
+
+    Forward = :func:`_bilinear_taps_nhwc` + one GEMM, exactly the plain-autograd path (so the
+    output is bit-identical, autocast included). Plain autograd would keep the four gathered
+    corner tensors and the tap matrix (each input-sized) plus the coordinate tensors for the
+    backward; this keeps only ``x``, ``offset`` and ``weight`` and recomputes the coordinates
+    and gathers in the backward (like activation checkpointing of this one op). The backward is
+    written with differentiable ops, so double backward works too.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        out = F.linear(_bilinear_taps_nhwc(x, offset), _tap_major(weight), bias)
+        ctx.save_for_backward(x, offset, weight)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        x, offset, weight = ctx.saved_tensors
+        need_x, need_off, need_w, need_b = ctx.needs_input_grad
+        B, H, W, C = x.shape
+        Ho, Wo, C_out = grad_out.shape[1], grad_out.shape[2], grad_out.shape[3]
+        # The forward GEMM ran in grad_out's dtype (the autocast dtype under autocast).
+        g = grad_out.reshape(-1, C_out)
+        grad_b = g.sum(0).to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
+        grad_cols: Tensor | None = None
+        if need_x or need_off:
+            grad_cols = (g @ _tap_major(weight).to(g.dtype)).to(x.dtype).view(B, Ho, Wo, 4, C)
+        flat = x.reshape(B * H * W, C)
+        # x's gradient is accumulated in at least fp32 (it sums up to 16 contributions / pixel)
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        grad_flat = x.new_zeros(B * H * W, C, dtype=acc_dtype) if need_x else None
+        cols: Tensor | None = None
+        grad_py: Tensor | int = 0
+        grad_px: Tensor | int = 0
+        for dy, dx, idx, wy, wx, valid in _corners(offset, H, W):
+            wk = (wy * wx * valid).to(x.dtype).unsqueeze(-1)
+            rows = idx.reshape(-1)
+            if grad_flat is not None and grad_cols is not None:
+                grad_flat.index_add_(0, rows, (grad_cols * wk).reshape(-1, C).to(acc_dtype))
+            if not (need_w or need_off):
+                continue
+            vals = flat.index_select(0, rows).view(B, Ho, Wo, 4, C)
+            if need_w:
+                term = vals * wk
+                cols = term if cols is None else cols + term
+            if need_off and grad_cols is not None:
+                # d(sample)/d(py) = Σ_corners x·(±1)·wx·valid (sign: + for the lower row)
+                dot = (grad_cols * vals).sum(-1).to(wy.dtype) * valid
+                grad_py = grad_py + (dot * wx if dy else -dot * wx)
+                grad_px = grad_px + (dot * wy if dx else -dot * wy)
+        grad_x = grad_flat.to(x.dtype).view(B, H, W, C) if grad_flat is not None else None
+        grad_w = None
+        if need_w and cols is not None:
+            gw = g.t() @ cols.reshape(-1, 4 * C).to(g.dtype)  # [C_out, 4C], column k·C + c
+            grad_w = gw.view(C_out, 2, 2, C).permute(0, 3, 1, 2).to(weight.dtype)
+        grad_off = None
+        if need_off and isinstance(grad_py, Tensor) and isinstance(grad_px, Tensor):
+            grad_off = torch.stack((grad_py, grad_px), dim=-1).reshape(B, Ho, Wo, 8)
+            grad_off = grad_off.to(offset.dtype)
+        return grad_x, grad_off, grad_w, grad_b
+
+
 def deform_merge_2x2_nhwc(
-    x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None
+    x: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    recompute: bool = True,
 ) -> Tensor:
     """Fast 2×2 stride-2 deformable convolution on channels-last maps.
 
@@ -100,6 +206,11 @@ def deform_merge_2x2_nhwc(
             ``[Δy₀, Δx₀, …, Δy₃, Δx₃]``, tap ``k = 2i + j``.
         weight: ``[C_out, C, 2, 2]`` (the ``deform_conv2d`` / ``Conv2d`` layout).
         bias: ``[C_out]`` or ``None``.
+        recompute: ``True`` (default): a custom autograd function that saves only ``x``,
+            ``offset`` and ``weight`` for the backward and recomputes the bilinear gathers
+            there; ``False``: plain autograd, which also keeps the four gathered corner
+            tensors and the tap matrix (five input-sized tensors) but skips the re-gather.
+            Same forward result either way.
 
     Returns:
         ``[B, Ho, Wo, C_out]``.
@@ -112,14 +223,19 @@ def deform_merge_2x2_nhwc(
         raise ValueError(f"offset must be [{B}, {Ho}, {Wo}, 8] for x {tuple(x.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
-    cols = _bilinear_taps_nhwc(x, offset)
-    # [C_out, C, i, j] -> [C_out, i, j, C] -> [C_out, 4C]: column k·C + c with k = 2i + j.
-    w_tap = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 4 * C)
-    return F.linear(cols, w_tap, bias)
+    if recompute:
+        out: Tensor = _DeformMerge2x2.apply(x, offset, weight, bias)
+        return out
+    return F.linear(_bilinear_taps_nhwc(x, offset), _tap_major(weight), bias)
 
 
 def deform_merge_2x2(
-    x: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None = None
+    x: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    recompute: bool = True,
 ) -> Tensor:
     """Fast ``deform_conv2d(x, offset, weight, bias, stride=2, padding=0)`` for 2×2 kernels.
 
@@ -133,13 +249,17 @@ def deform_merge_2x2(
             ``[Δy₀, Δx₀, …, Δy₃, Δx₃]``, tap ``k = 2i + j``.
         weight: ``[C_out, C, 2, 2]``.
         bias: ``[C_out]`` or ``None``.
+        recompute: recomputing backward (default) or plain autograd, see
+            :func:`deform_merge_2x2_nhwc`.
 
     Returns:
         ``[B, C_out, Ho, Wo]`` (channels-last memory format).
     """
     if x.dim() != 4 or offset.dim() != 4 or weight.dim() != 4:
         raise ValueError("x, offset and weight must be 4-D ([B,C,H,W], [B,8,Ho,Wo], [O,C,2,2])")
-    out = deform_merge_2x2_nhwc(x.permute(0, 2, 3, 1), offset.permute(0, 2, 3, 1), weight, bias)
+    out = deform_merge_2x2_nhwc(
+        x.permute(0, 2, 3, 1), offset.permute(0, 2, 3, 1), weight, bias, recompute=recompute
+    )
     return out.permute(0, 3, 1, 2)
 
 

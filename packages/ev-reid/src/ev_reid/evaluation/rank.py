@@ -346,6 +346,7 @@ def _evaluate_chunks(
                 )
             if torch.isnan(dist.sum()) and torch.isnan(dist).any():  # cheap test first
                 raise ValueError("distance matrix contains NaN")
+            dist = dist.detach().contiguous()
             if not dist.is_floating_point():
                 dist = dist.to(torch.float64)
             elif dist.dtype not in (torch.float32, torch.float64):
