@@ -113,6 +113,20 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> BenchmarkSui
     return suite
 
 
+def _saved_mib(fn: Callable[[], Any]) -> float:
+    """MiB of the tensors autograd saves for the backward during one call of ``fn``."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total / 2**20
+
+
 def bench_dtm(args: argparse.Namespace, device: torch.device) -> BenchmarkSuite:
     """DTM fast path vs torchvision reference on a LITv2-S stage-1 map."""
     suite = BenchmarkSuite(
@@ -123,10 +137,17 @@ def bench_dtm(args: argparse.Namespace, device: torch.device) -> BenchmarkSuite:
         dtype = torch.float32 if dt == "fp32" else torch.bfloat16
         for task in ("fwd", "fwd+bwd"):
             group = f"DTM {C}->{2 * C} {H}x{H} bs{B} {dt} {task}"
-            for path in ("torchvision", "fast"):
+            # "fast" recomputes the gathers in its backward, "fast-autograd" keeps them
+            paths = ["torchvision", "fast"] + (["fast-autograd"] if task == "fwd+bwd" else [])
+            for path in paths:
                 if path == "torchvision" and dtype == torch.bfloat16 and device.type == "cpu":
                     continue  # torchvision has no bf16 CPU deform_conv2d kernel
-                dtm = DeformableTokenMerging(C, 2 * C, path=path).to(device, dtype)  # type: ignore[arg-type]
+                dtm = DeformableTokenMerging(
+                    C,
+                    2 * C,
+                    path=path.split("-")[0],
+                    recompute=path != "fast-autograd",  # type: ignore[arg-type]
+                ).to(device, dtype)
                 with torch.no_grad():
                     dtm.dconv.conv_offset.weight.normal_(0, 0.05)
                 x = torch.randn(B, H * H, C, device=device, dtype=dtype, requires_grad=True)
@@ -139,8 +160,9 @@ def bench_dtm(args: argparse.Namespace, device: torch.device) -> BenchmarkSuite:
                     out.float().square().mean().backward()
                     return out
 
+                saved = _saved_mib(run) if task == "fwd+bwd" else None
                 suite.add(path, run, group=group, baseline=path == "torchvision", memory=True,
-                          items_per_call=B, dtype=dt, task=task)  # fmt: skip
+                          items_per_call=B, dtype=dt, task=task, saved_mib=saved)  # fmt: skip
     return suite
 
 

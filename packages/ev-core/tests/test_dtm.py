@@ -201,7 +201,7 @@ def test_recompute_under_autocast() -> None:
         assert_close(a, e, atol=0.02 * scale, rtol=0.02, msg=f"grad of {name}")
 
 
-def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+def _saved_bytes(fn: Callable[[], object]) -> int:
     """Bytes of every tensor autograd packs for the backward while ``fn`` runs."""
     total = 0
 
@@ -254,3 +254,25 @@ def test_compile_fullgraph_forward_backward_recompute() -> None:
     assert_close(out, expected)
     for name, a, e in zip(GRAD_NAMES, _grads(out, ins), _grads(expected, eager_ins), strict=True):
         assert_close(a, e, msg=f"grad of {name}")
+
+
+def test_module_recompute_flag() -> None:
+    torch.manual_seed(0)
+    fast = DeformableTokenMerging(8, 16)
+    plain = DeformableTokenMerging(8, 16, recompute=False)
+    plain.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        for m in (fast, plain):
+            m.dconv.conv_offset.weight.copy_(torch.linspace(-1, 1, 8 * 8 * 4).view(8, 8, 2, 2))
+    x = torch.randn(2, 10 * 10, 8)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    saved = []
+    outs = []
+    for m, xi in zip((fast, plain), xs, strict=True):
+        saved.append(_saved_bytes(lambda m=m, xi=xi: outs.append(m(xi, (10, 10))[0])))
+    assert torch.equal(outs[0], outs[1])
+    assert saved[0] < saved[1]
+    outs[0].square().sum().backward()
+    outs[1].square().sum().backward()
+    assert_close(xs[0].grad, xs[1].grad)
+    assert_close(fast.dconv.conv_offset.weight.grad, plain.dconv.conv_offset.weight.grad)

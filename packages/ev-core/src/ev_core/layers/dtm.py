@@ -273,15 +273,26 @@ class DeformConv2x2(nn.Module):
         in_channels: input channels ``C``.
         out_channels: output channels ``C_out``.
         path: ``"fast"`` (:func:`deform_merge_2x2`) or ``"torchvision"`` (reference).
+        recompute: fast path only: recompute the bilinear gathers in the backward (default,
+            saves only the input, offsets and weight) or keep them (plain autograd, ~5
+            input-sized tensors more, no re-gather).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, path: DTMPath = "fast") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        path: DTMPath = "fast",
+        *,
+        recompute: bool = True,
+    ) -> None:
         super().__init__()
         if path not in _PATHS:
             raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.path: DTMPath = path
+        self.recompute = recompute
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 2, 2))
         self.bias = nn.Parameter(torch.empty(out_channels))
         self.conv_offset = nn.Conv2d(in_channels, 8, kernel_size=2, stride=2)
@@ -306,7 +317,9 @@ class DeformConv2x2(nn.Module):
         x_nchw = x.permute(0, 3, 1, 2)  # a channels-last view, no copy
         offset = self.conv_offset(x_nchw)
         if self.path == "fast":
-            return deform_merge_2x2_nhwc(x, offset.permute(0, 2, 3, 1), self.weight, self.bias)
+            return deform_merge_2x2_nhwc(
+                x, offset.permute(0, 2, 3, 1), self.weight, self.bias, recompute=self.recompute
+            )
         from torchvision.ops import deform_conv2d
 
         out = deform_conv2d(
@@ -328,11 +341,15 @@ class DeformableTokenMerging(nn.Module):
         dim: input channels ``C``.
         out_dim: output channels (``2C`` between LIT/LITv2 stages).
         path: ``"fast"`` (default) or ``"torchvision"`` reference.
+        recompute: fast path: recomputing backward (default) or plain autograd, see
+            :class:`DeformConv2x2`.
     """
 
-    def __init__(self, dim: int, out_dim: int, path: DTMPath = "fast") -> None:
+    def __init__(
+        self, dim: int, out_dim: int, path: DTMPath = "fast", *, recompute: bool = True
+    ) -> None:
         super().__init__()
-        self.dconv = DeformConv2x2(dim, out_dim, path=path)
+        self.dconv = DeformConv2x2(dim, out_dim, path=path, recompute=recompute)
         self.norm_layer = nn.BatchNorm2d(out_dim)
         self.act = nn.GELU()
 
