@@ -26,7 +26,7 @@ from torch import nn
 
 import ev_core  # noqa: F401  (registers the ev models)
 from ev_core.benchmark import BenchmarkSuite
-from ev_core.layers.dtm import DeformableTokenMerging
+from ev_core.layers.dtm import DeformableTokenMerging, DTMPath
 from ev_core.progress import progress
 
 MODELS = (
@@ -142,12 +142,10 @@ def bench_dtm(args: argparse.Namespace, device: torch.device) -> BenchmarkSuite:
             for path in paths:
                 if path == "torchvision" and dtype == torch.bfloat16 and device.type == "cpu":
                     continue  # torchvision has no bf16 CPU deform_conv2d kernel
-                dtm = DeformableTokenMerging(
-                    C,
-                    2 * C,
-                    path=path.split("-")[0],
-                    recompute=path != "fast-autograd",  # type: ignore[arg-type]
-                ).to(device, dtype)
+                dtm_path: DTMPath = "torchvision" if path == "torchvision" else "fast"
+                recompute = path != "fast-autograd"
+                dtm = DeformableTokenMerging(C, 2 * C, path=dtm_path, recompute=recompute)
+                dtm = dtm.to(device, dtype)
                 with torch.no_grad():
                     dtm.dconv.conv_offset.weight.normal_(0, 0.05)
                 x = torch.randn(B, H * H, C, device=device, dtype=dtype, requires_grad=True)

@@ -190,6 +190,7 @@ def _plot(metrics: dict[str, Any], path: Path) -> None:
     ax_zoo.set_ylabel(f"GMACs at {metrics['flops_img_size']}²")
     ax_zoo.set_title("LIT / LITv2: ev count vs paper (label: paper top-1)")
     ax_zoo.grid(alpha=0.3)
+    ax_zoo.margins(x=0.12, y=0.1)
     ax_zoo.legend(loc="upper left", fontsize=8)
     speed = metrics["throughput"]
     names = list(speed)

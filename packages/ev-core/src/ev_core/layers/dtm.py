@@ -170,9 +170,8 @@ class _DeformMerge2x2(torch.autograd.Function):
             if not (need_w or need_off):
                 continue
             vals = flat.index_select(0, rows).view(B, Ho, Wo, 4, C)
-            if need_w:
-                term = vals * wk
-                cols = term if cols is None else cols + term
+            if need_w:  # rebuild the tap matrix (to rounding: fused multiply-add here)
+                cols = vals * wk if cols is None else cols.addcmul_(vals, wk)
             if need_off and grad_cols is not None:
                 # d(sample)/d(py) = Σ_corners x·(±1)·wx·valid (sign: + for the lower row)
                 dot = (grad_cols * vals).sum(-1).to(wy.dtype) * valid
