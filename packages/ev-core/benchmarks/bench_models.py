@@ -18,7 +18,7 @@ import argparse
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -98,7 +98,7 @@ def bench_models(args: argparse.Namespace, device: torch.device) -> BenchmarkSui
                 model.eval()
             else:
                 model.train()
-            runner: nn.Module = torch.compile(model) if mode == "compile" else model
+            runner = cast(nn.Module, torch.compile(model)) if mode == "compile" else model
             fn = (_inference_fn if task == "infer" else _train_fn)(runner, x, DTYPES[dt])
             try:
                 suite.add(
