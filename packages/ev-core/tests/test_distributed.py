@@ -77,3 +77,26 @@ def test_sampler_wrapper_shards_and_pads() -> None:
     assert len(DistributedSamplerWrapper(base, num_replicas=2, rank=0)) == 3
     with pytest.raises(ValueError):
         DistributedSamplerWrapper(base, num_replicas=2, rank=2)
+
+
+def test_rank_aware_logger_decides_at_emit_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    import ev_core.distributed as evd
+
+    logger = evd.get_logger("ev_core.test_rank_logger")  # created "at import", as rank 0
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger.addHandler(Keep())
+    logger.info("rank0 info")
+    monkeypatch.setattr(evd, "get_rank", lambda: 1)  # the process group came up later
+    logger.info("rank1 info")
+    logger.warning("rank1 warning")
+    assert [(r.getMessage(), r.rank) for r in records] == [  # type: ignore[attr-defined]
+        ("rank0 info", 0),
+        ("rank1 warning", 1),
+    ]

@@ -112,9 +112,16 @@ def barrier() -> None:
 
 
 class _RankFilter(logging.Filter):
+    """Tags records with the rank and, on ranks other than 0, drops those below WARNING.
+
+    The rank is read when a record is emitted, so a logger created at import time (before
+    ``init_distributed``) still behaves per rank.
+    """
+
     def filter(self, record: logging.LogRecord) -> bool:
-        record.rank = get_rank()
-        return True
+        rank = get_rank()
+        record.rank = rank
+        return rank == 0 or record.levelno >= logging.WARNING
 
 
 def get_logger(name: str, level: int = logging.INFO) -> logging.Logger:
@@ -126,7 +133,7 @@ def get_logger(name: str, level: int = logging.INFO) -> logging.Logger:
         handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
-    logger.setLevel(level if get_rank() == 0 else max(level, logging.WARNING))
+    logger.setLevel(level)
     return logger
 
 
