@@ -92,3 +92,13 @@ def test_unwrap_state_dict_variants() -> None:
     assert unwrap_state_dict({"module.w": sd["w"]}) == sd
     with pytest.raises(ValueError, match="no state dict"):
         unwrap_state_dict({"model": "nope"})
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
+    # mkstemp creates 0600 files; checkpoints must get the mode open() would give them
+    reference = tmp_path / "plain.txt"
+    reference.write_text("x")
+    expected = reference.stat().st_mode & 0o777
+    path = save_checkpoint(tmp_path / "m.safetensors", {"w": torch.ones(1)})
+    assert path.stat().st_mode & 0o777 == expected
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == expected

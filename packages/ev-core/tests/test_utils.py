@@ -19,6 +19,7 @@ from ev_core.repro import dump_run_config, seed_everything
 
 @pytest.fixture(autouse=True)
 def _reset_quiet():  # type: ignore[no-untyped-def]
+    set_quiet(None)  # another test's CLI call with --quiet may have forced it
     yield
     set_quiet(None)
 

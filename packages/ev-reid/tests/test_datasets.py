@@ -414,6 +414,9 @@ def test_cuhk03_classic_protocol(cuhk_root: Path) -> None:
     assert ds.num_train_pids == 3 and len(ds.train) == 4 + 4 + 2
     split1 = CUHK03(cuhk_root, split_id=1, protocol="classic")
     assert {r.pid for r in split1.query} == {2001, 1002}
+    # the classic splits are scored with single-gallery-shot CMC, the new protocol is not
+    assert ds.use_metric_cuhk03
+    assert not CUHK03(cuhk_root).use_metric_cuhk03
     with pytest.raises(ValueError, match="split_id"):
         CUHK03(cuhk_root, split_id=20, protocol="classic")
 

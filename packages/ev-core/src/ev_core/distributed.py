@@ -143,8 +143,10 @@ class DistributedSamplerWrapper(Sampler[int]):
     Each epoch the wrapped sampler is iterated in full on every rank (it must be
     deterministic given its seed and :meth:`set_epoch`), the index list is padded by
     repetition to a multiple of the world size, and rank ``r`` takes every
-    ``world_size``-th index starting at ``r``. Identity-balanced (P×K) samplers keep their
-    batch structure if their batch size is a multiple of ``world_size`` consecutive blocks.
+    ``world_size``-th index starting at ``r``. Strided sharding splits each identity's K
+    consecutive indices of a P×K sampler across ranks (each rank then sees about K/W images
+    per identity); samplers that must keep full P×K batches per rank should partition
+    identities themselves (e.g. ``ev_reid.data.DistributedRandomIdentitySampler``).
 
     Args:
         sampler: the sampler to shard (e.g. a P×K identity sampler).

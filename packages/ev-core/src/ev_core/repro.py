@@ -7,6 +7,7 @@ import platform
 import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,12 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> int:
     Args:
         seed: the seed; must fit in 32 bits (NumPy's limit).
         deterministic: also call ``torch.use_deterministic_algorithms(True)`` and turn off
-            cuDNN benchmarking (slower, bit-reproducible where PyTorch supports it).
+            cuDNN benchmarking (slower, bit-reproducible where PyTorch supports it). cuBLAS
+            reads ``CUBLAS_WORKSPACE_CONFIG`` when CUDA initialises: it is set here if CUDA
+            is not initialised yet, and a warning is given otherwise.
+
+    ``PYTHONHASHSEED`` only affects a new interpreter, so it is not set here: export it
+    before starting Python if ``hash()``-ordered code must be reproducible.
 
     Returns:
         The seed, so that it can be logged.
@@ -34,11 +40,18 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> int:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-    os.environ["PYTHONHASHSEED"] = str(seed)
     if deterministic:
+        if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+            if torch.cuda.is_initialized():
+                warnings.warn(
+                    "CUDA is already initialised: set CUBLAS_WORKSPACE_CONFIG=:4096:8 before "
+                    "the first CUDA call for deterministic cuBLAS",
+                    stacklevel=2,
+                )
+            else:
+                os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return seed
 
 

@@ -395,8 +395,9 @@ def evaluate_model(
     batch_size: int = 128,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
+    use_metric_cuhk03: bool = False,
 ) -> RankResult:
-    """Extract query/gallery features with ``model`` and compute CMC/mAP/mINP (Market protocol).
+    """Extract query/gallery features with ``model`` and compute CMC/mAP/mINP.
 
     Args:
         model: a :class:`~ev_reid.models.ReidModel` (evaluated in eval mode, mode restored).
@@ -409,6 +410,8 @@ def evaluate_model(
         batch_size: images per extraction batch.
         num_workers: DataLoader workers.
         device: where the model runs.
+        use_metric_cuhk03: CUHK03's classic single-gallery-shot CMC instead of the Market
+            protocol (pass ``dataset.use_metric_cuhk03``).
 
     Returns:
         The :class:`~ev_reid.evaluation.RankResult`.
@@ -433,6 +436,7 @@ def evaluate_model(
         [r.camid for r in gallery],
         metric=metric,
         rerank=rerank,
+        use_metric_cuhk03=use_metric_cuhk03,
     )
 
 
@@ -472,6 +476,7 @@ def evaluate_checkpoint(
         batch_size=batch_size,
         num_workers=num_workers,
         device=dev,
+        use_metric_cuhk03=dataset.use_metric_cuhk03,
     )
 
 
@@ -746,6 +751,7 @@ def train(
                 batch_size=cfg.eval_batch_size,
                 num_workers=cfg.num_workers,
                 device=device,
+                use_metric_cuhk03=ds.use_metric_cuhk03,
             )
             metrics = result.as_dict()
             record["eval"] = metrics

@@ -145,6 +145,12 @@ class ReidDataset:
     _has_distractors: ClassVar[bool] = False
     """Whether pid 0 means "distractor" in this dataset's query/gallery."""
 
+    @property
+    def use_metric_cuhk03(self) -> bool:
+        """Whether this split is scored with CUHK03's classic single-gallery-shot CMC
+        (``evaluate_rank(..., use_metric_cuhk03=True)``) rather than the Market protocol."""
+        return False
+
     def __init__(
         self,
         train: Sequence[ReidRecord],

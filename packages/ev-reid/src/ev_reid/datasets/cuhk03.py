@@ -211,6 +211,11 @@ class CUHK03(ReidDataset):
             train, query, gallery, dataset_dir=dataset_dir, combineall=combineall, verbose=verbose
         )
 
+    @property
+    def use_metric_cuhk03(self) -> bool:
+        """The classic splits are scored with single-gallery-shot CMC; the new protocol is not."""
+        return self.protocol == "classic"
+
     def _record(self, name: str, pid: int, where: Path) -> ReidRecord:
         path = self.images_dir / name
         _, _, view = _parse_name(name, where)
