@@ -51,6 +51,13 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads")
     parser.add_argument("--out", default=None, help="JSON output path")
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["torch", "ivfpq", "hnsw"],
+        help="index types not to build (recorded as skipped rows), e.g. hnsw at 1M on 2 cores",
+    )
     args = parser.parse_args()
     if args.quick:
         args.n, args.dim, args.queries = 20_000, 64, 100
@@ -73,16 +80,21 @@ def main() -> None:
     suite.notes.update(n=args.n, dim=args.dim, queries=args.queries, k=args.k, clusters=n_clusters)
     group = f"search {args.queries} queries, N={args.n:,} x {args.dim}, k={args.k}"
     pq_m = 64 if args.dim % 64 == 0 else 8
-    configs = [
-        ("faiss flat IP (exact)", IndexConfig(backend=IndexBackend.FAISS_FLAT), True),
-        ("torch exact (cpu)", IndexConfig(backend=IndexBackend.TORCH), False),
-        (
+    optional = {
+        "torch": ("torch exact (cpu)", IndexConfig(backend=IndexBackend.TORCH), False),
+        "ivfpq": (
             "faiss IVF-PQ",
             IndexConfig(backend=IndexBackend.FAISS_IVFPQ, pq_m=pq_m, nprobe=32),
             False,
         ),
-        ("faiss HNSW", IndexConfig(backend=IndexBackend.FAISS_HNSW), False),
-    ]
+        "hnsw": ("faiss HNSW", IndexConfig(backend=IndexBackend.FAISS_HNSW), False),
+    }
+    configs = [("faiss flat IP (exact)", IndexConfig(backend=IndexBackend.FAISS_FLAT), True)]
+    for key, config in optional.items():
+        if key in args.skip:
+            suite.add_failure(config[0], group, "skipped with --skip")
+        else:
+            configs.append(config)
     if torch.cuda.is_available():
         configs.append(
             ("torch exact (cuda)", IndexConfig(backend=IndexBackend.TORCH, device="cuda"), False)
