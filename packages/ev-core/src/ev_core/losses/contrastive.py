@@ -295,7 +295,37 @@ def macl_loss(
         return _finish(pos, neg, tau, alignment, True, reduction, gather_distributed)
 
 
-class InfoNCELoss(nn.Module):
+class _TwoViewLoss(nn.Module):
+    """Shared calling convention of :class:`InfoNCELoss` and :class:`MACLLoss`.
+
+    ``loss(z1, z2)`` returns the scalar loss; the full :class:`ContrastiveOutput` of the last
+    call (temperature, alignment, accuracy) is kept in :attr:`last_output`, and
+    :meth:`compute` returns it directly. Subclasses implement :meth:`_loss`.
+    """
+
+    def __init__(self, arrangement: Arrangement, gather_distributed: bool) -> None:
+        super().__init__()
+        if arrangement not in _ARRANGEMENTS:
+            raise ValueError(f"arrangement must be one of {_ARRANGEMENTS}, got {arrangement!r}")
+        self.arrangement: Arrangement = arrangement
+        self.gather_distributed = gather_distributed
+        self.last_output: ContrastiveOutput | None = None
+
+    def _loss(self, z1: Tensor, z2: Tensor, negatives: Tensor | None) -> ContrastiveOutput:
+        raise NotImplementedError
+
+    def compute(self, z1: Tensor, z2: Tensor, negatives: Tensor | None = None) -> ContrastiveOutput:
+        """The loss and its statistics for ``z1, z2: [B, D]`` (and ``negatives: [K, D]``)."""
+        out = self._loss(z1, z2, negatives)
+        self.last_output = out
+        return out
+
+    def forward(self, z1: Tensor, z2: Tensor, negatives: Tensor | None = None) -> Tensor:
+        """Scalar loss for ``z1, z2: [B, D]`` (optional ``negatives: [K, D]``)."""
+        return self.compute(z1, z2, negatives).loss
+
+
+class InfoNCELoss(_TwoViewLoss):
     """InfoNCE / NT-Xent module over :func:`info_nce_loss`.
 
     ``loss(z1, z2)`` returns the scalar loss; the full :class:`ContrastiveOutput` of the last
@@ -315,19 +345,13 @@ class InfoNCELoss(nn.Module):
         arrangement: Arrangement = "simclr",
         gather_distributed: bool = False,
     ) -> None:
-        super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if arrangement not in _ARRANGEMENTS:
-            raise ValueError(f"arrangement must be one of {_ARRANGEMENTS}, got {arrangement!r}")
+        super().__init__(arrangement, gather_distributed)
         self.temperature = float(temperature)
-        self.arrangement: Arrangement = arrangement
-        self.gather_distributed = gather_distributed
-        self.last_output: ContrastiveOutput | None = None
 
-    def compute(self, z1: Tensor, z2: Tensor, negatives: Tensor | None = None) -> ContrastiveOutput:
-        """The loss and its statistics for ``z1, z2: [B, D]`` (and ``negatives: [K, D]``)."""
-        out = info_nce_loss(
+    def _loss(self, z1: Tensor, z2: Tensor, negatives: Tensor | None) -> ContrastiveOutput:
+        return info_nce_loss(
             z1,
             z2,
             negatives,
@@ -335,18 +359,12 @@ class InfoNCELoss(nn.Module):
             arrangement=self.arrangement,
             gather_distributed=self.gather_distributed,
         )
-        self.last_output = out
-        return out
-
-    def forward(self, z1: Tensor, z2: Tensor, negatives: Tensor | None = None) -> Tensor:
-        """Scalar loss for ``z1, z2: [B, D]`` (optional ``negatives: [K, D]``)."""
-        return self.compute(z1, z2, negatives).loss
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, arrangement={self.arrangement!r}"
 
 
-class MACLLoss(nn.Module):
+class MACLLoss(_TwoViewLoss):
     """MACL module over :func:`macl_loss`; same calling convention as :class:`InfoNCELoss`.
 
     Args:
@@ -366,20 +384,14 @@ class MACLLoss(nn.Module):
         arrangement: Arrangement = "simclr",
         gather_distributed: bool = False,
     ) -> None:
-        super().__init__()
         _validate_macl(tau0, alpha, a0)
-        if arrangement not in _ARRANGEMENTS:
-            raise ValueError(f"arrangement must be one of {_ARRANGEMENTS}, got {arrangement!r}")
+        super().__init__(arrangement, gather_distributed)
         self.tau0 = float(tau0)
         self.alpha = float(alpha)
         self.a0 = float(a0)
-        self.arrangement: Arrangement = arrangement
-        self.gather_distributed = gather_distributed
-        self.last_output: ContrastiveOutput | None = None
 
-    def compute(self, z1: Tensor, z2: Tensor, negatives: Tensor | None = None) -> ContrastiveOutput:
-        """The loss and its statistics for ``z1, z2: [B, D]`` (and ``negatives: [K, D]``)."""
-        out = macl_loss(
+    def _loss(self, z1: Tensor, z2: Tensor, negatives: Tensor | None) -> ContrastiveOutput:
+        return macl_loss(
             z1,
             z2,
             negatives,
@@ -389,12 +401,6 @@ class MACLLoss(nn.Module):
             arrangement=self.arrangement,
             gather_distributed=self.gather_distributed,
         )
-        self.last_output = out
-        return out
-
-    def forward(self, z1: Tensor, z2: Tensor, negatives: Tensor | None = None) -> Tensor:
-        """Scalar loss for ``z1, z2: [B, D]`` (optional ``negatives: [K, D]``)."""
-        return self.compute(z1, z2, negatives).loss
 
     def extra_repr(self) -> str:
         return (
