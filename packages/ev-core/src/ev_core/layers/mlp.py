@@ -76,10 +76,11 @@ class DWConv(nn.Module):
         return y.permute(0, 2, 3, 1).reshape(B, N, C)
 
 
-class ConvFFN(nn.Module):
+class ConvFFN(Mlp):
     """LITv2 feed-forward: ``fc1 → DWConv 3×3 → GELU → drop → fc2 → drop``.
 
-    State-dict names: ``fc1``, ``dwconv.dwconv``, ``fc2``.
+    An :class:`Mlp` with a depth-wise conv after ``fc1``. State-dict names: ``fc1``,
+    ``dwconv.dwconv``, ``fc2``.
 
     Args:
         in_features: input channels.
@@ -95,22 +96,18 @@ class ConvFFN(nn.Module):
         out_features: int | None = None,
         drop: float = 0.0,
     ) -> None:
-        super().__init__()
-        hidden_features = hidden_features or in_features
-        out_features = out_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.dwconv = DWConv(hidden_features)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, out_features)
-        self.drop = nn.Dropout(drop)
+        super().__init__(in_features, hidden_features, out_features, drop)
+        self.dwconv = DWConv(self.fc1.out_features)
 
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         """Args:
             x: ``[B, H·W, C]``.
-            hw: ``(H, W)``.
+            hw: ``(H, W)`` (required: the depth-wise conv needs the map shape).
 
         Returns:
             ``[B, H·W, C_out]``.
         """
+        if hw is None:
+            raise ValueError("ConvFFN needs the map size hw=(H, W)")
         x = self.act(self.dwconv(self.fc1(x), hw))
         return self.drop(self.fc2(self.drop(x)))
