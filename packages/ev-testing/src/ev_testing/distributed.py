@@ -52,6 +52,9 @@ def _worker(
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        # every rank finishes its collectives before any tears the group down: destroying a
+        # gloo group while a peer still uses it can abort the process at exit
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
