@@ -7,6 +7,8 @@ the ``ev.cli`` / ``ev.demo`` entry-point groups (:mod:`ev_core.plugins`).
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ev_core.errors import EvError
 from ev_core.io import write_json
 from ev_core.plugins import discover_plugins
 from ev_core.progress import set_quiet
@@ -140,6 +143,36 @@ def demo(
         raise typer.Exit(code=1)
 
 
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+def run_cli(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
+    """Run a typer app the way every ev console script does.
+
+    A known error (:class:`~ev_core.errors.EvError`, or a missing file/permission problem)
+    prints one line, ``error: <message>``, to stderr and exits with status 2. ``--debug``
+    anywhere on the command line (removed before parsing) or ``EV_DEBUG=1`` lets the
+    exception propagate with its traceback.
+
+    Args:
+        typer_app: the app to run.
+        argv: the arguments (default ``sys.argv[1:]``).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("EV_DEBUG", "").strip().lower() in _TRUTHY
+    args = [a for a in args if a != "--debug"]
+    if debug:
+        typer_app(args=args)
+        return
+    try:
+        typer_app(args=args)
+    except (EvError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        text = str(exc).strip()
+        message = text.splitlines()[0] if text else type(exc).__name__
+        typer.echo(f"error: {message} (run with --debug for the traceback)", err=True)
+        raise SystemExit(2) from None
+
+
 def _mount_plugins() -> None:
     for plugin in discover_plugins():
         if plugin.name in {"demo", "packages"}:
@@ -150,9 +183,9 @@ def _mount_plugins() -> None:
 def main() -> None:
     """Console script ``ev``."""
     _mount_plugins()
-    app()
+    run_cli(app)
 
 
 def core_main() -> None:
     """Console script ``ev-core``."""
-    core_app()
+    run_cli(core_app)
