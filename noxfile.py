@@ -35,6 +35,9 @@ ROOT = Path(__file__).resolve().parent
 PACKAGES_DIR = ROOT / "packages"
 SHARED = ROOT / "shared"
 WHEELHOUSE = ROOT / ".nox" / "_wheels"
+# Material for developers beside the repository (never a dependency): tests must not read it
+# (ev-testing's EV_FORBIDDEN_PATHS check); optional local wheels (pytorch3d) come from it.
+OUTSIDE_SHARED = ROOT.parent / "shared"
 
 nox.needs_version = ">=2024.4.15"
 nox.options.default_venv_backend = "uv"
@@ -63,6 +66,10 @@ def _discover_packages() -> dict[str, dict]:
             "data": data,
             "publish": data.get("tool", {}).get("ev", {}).get("publish", True),
             "test_extras": data.get("tool", {}).get("ev", {}).get("test", {}).get("extras", []),
+            "local_wheels": data.get("tool", {})
+            .get("ev", {})
+            .get("test", {})
+            .get("local-wheels", []),
         }
     return found
 
@@ -200,9 +207,29 @@ def _skip_unrunnable(session: nox.Session, torch_id: str) -> None:
 def _pytest(session: nox.Session, *paths: str) -> None:
     args = ["pytest", *paths, "-p", "no:cacheprovider", "--rootdir", str(ROOT)]
     args += ["-c", str(ROOT / "pyproject.toml"), *session.posargs]
-    session.run(
-        *args, env={"EV_QUIET": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    )
+    env = {
+        "EV_QUIET": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        "EV_FORBIDDEN_PATHS": str(OUTSIDE_SHARED),
+    }
+    session.run(*args, env=env)
+
+
+def _install_local_wheels(session: nox.Session, name: str) -> None:
+    """Install the optional wheels a package's tests can use, when ``../shared/wheels`` has them.
+
+    Declared as ``[tool.ev.test] local-wheels = ["pytorch3d"]``; what such a wheel needs at
+    run time (iopath for pytorch3d) belongs in the package's test extras. Without the folder
+    (a user's clone) nothing is installed and the tests that need them skip with their reason.
+    """
+    for dist_name in PACKAGES[name]["local_wheels"]:
+        found = sorted((OUTSIDE_SHARED / "wheels").glob(f"{dist_name}-*.whl"))
+        if not found:
+            session.log(
+                f"{dist_name}: no local wheel in {OUTSIDE_SHARED / 'wheels'}; its tests skip"
+            )
+            continue
+        session.install(str(found[-1]), env=_uv_env())
 
 
 # --------------------------------------------------------------------------------------
@@ -215,6 +242,7 @@ def _make_tests_session(name: str) -> None:
         _skip_unrunnable(session, torch_id)
         ev_deps = _ev_requirements(name)
         _install_packages(session, [name, *ev_deps, "ev-testing"], torch_id)
+        _install_local_wheels(session, name)
         _check_torch(session, torch_id)
         # only this package, its declared ev siblings and the test helper may be present
         allowed = sorted({name, "ev-testing", *ev_deps})
@@ -238,6 +266,8 @@ def integration(session: nox.Session, torch_id: str) -> None:
     """Every package installed together; tests that compose packages."""
     _skip_unrunnable(session, torch_id)
     _install_packages(session, list(PACKAGES), torch_id)
+    for name in PACKAGES:
+        _install_local_wheels(session, name)
     _check_torch(session, torch_id)
     _pytest(session, str(ROOT / "integration_tests"))
 

@@ -1,0 +1,270 @@
+"""ev_core.training: resume after kills, non-finite stop, divergence, EMA, AMP, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, TensorDataset
+
+from ev_core.errors import EvError
+from ev_core.training import (
+    CheckpointManager,
+    Engine,
+    EngineConfig,
+    Hook,
+    ModelEma,
+    NonFiniteLossError,
+    resolve_amp_dtype,
+)
+from ev_testing import run_distributed
+
+SCRIPT = Path(__file__).with_name("_engine_script.py")
+
+
+def _run_script(out: Path, kill: str = "") -> int:
+    env = {**os.environ, "EV_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(SCRIPT), str(out)] + ([kill] if kill else [])
+    return subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("full")
+    assert _run_script(out) == 0
+    return load_file(str(out / "final.safetensors"))
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize(
+    "kill",
+    [
+        "step:5",  # between checkpoints, mid-epoch
+        "save:4:model.safetensors",  # weights written, JSON/state not
+        "save:4:state.pt",  # everything but the COMPLETE marker
+        "save:6:ema.safetensors",  # at an epoch end (6 steps per epoch)
+    ],
+)
+def test_sigkill_then_resume_equals_uninterrupted(
+    tmp_path: Path, kill: str, uninterrupted: dict[str, torch.Tensor]
+) -> None:
+    assert _run_script(tmp_path, kill) == -9
+    ckpts = tmp_path / "checkpoints"
+    leftovers = [p.name for p in ckpts.iterdir() if p.name.startswith(".")]
+    if kill.startswith("save"):
+        assert any(name.endswith(".partial") for name in leftovers)
+    assert _run_script(tmp_path) == 0
+    _assert_same(load_file(str(tmp_path / "final.safetensors")), uninterrupted)
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert names == ["latest", "step-00000016", "step-00000018"]  # leftovers cleaned, 2 kept
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 19))  # no step logged twice after the resume
+
+
+def _data(n: int = 32) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    y = (x.sum(1) > 0).long()
+    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator())
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+def _ce(model: torch.nn.Module, batch: object, engine: Engine) -> dict[str, torch.Tensor]:
+    x, y = engine.to_device(batch)
+    return {"loss": F.cross_entropy(model(x), y)}
+
+
+def test_non_finite_loss_stops_with_step_and_term_and_keeps_checkpoint(tmp_path: Path) -> None:
+    model = _model()
+    calls = {"n": 0}
+
+    def step_fn(model: torch.nn.Module, batch: object, engine: Engine) -> dict[str, torch.Tensor]:
+        calls["n"] += 1
+        x, y = engine.to_device(batch)
+        ce = F.cross_entropy(model(x), y)
+        reg = model[0].weight.square().sum() * (float("nan") if calls["n"] >= 7 else 1.0)
+        return {"loss": ce + reg, "ce": ce, "reg": reg}
+
+    cfg = EngineConfig(epochs=3, checkpoint_every=2, log_every=1)
+    engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, out_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError) as info:
+        engine.fit(_data(), step_fn)
+    err = info.value
+    assert (err.step, err.term) == (7, "reg")
+    assert err.checkpoint is not None and err.checkpoint.name == "step-00000006"
+    assert "step 7" in str(err) and "reg" in str(err)
+    weights = load_file(str(err.checkpoint / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert isinstance(err, EvError)
+
+
+def test_non_finite_gradient_is_caught() -> None:
+    model = _model()
+
+    def step_fn(model: torch.nn.Module, batch: object, engine: Engine) -> dict[str, torch.Tensor]:
+        x, _ = engine.to_device(batch)
+        out = model(x).sum()
+        return {"loss": out * 0 + torch.sqrt(torch.zeros(()) - 0.0 * out)}  # finite loss, NaN grad
+
+    engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), EngineConfig())
+    with pytest.raises(NonFiniteLossError, match="gradient norm"):
+        engine.fit(_data(), step_fn)
+
+
+def test_divergence_warns(tmp_path: Path) -> None:
+    model = _model()
+    engine = Engine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=1e4),
+        EngineConfig(epochs=4, log_every=1, divergence_factor=100.0),
+        out_dir=tmp_path,
+    )
+    with pytest.warns(RuntimeWarning, match="diverges"):
+        engine.fit(_data(), _ce)
+    assert engine.state.diverged
+
+
+def test_unwritable_output_fails_before_training(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    model = _model()
+    with pytest.raises(EvError, match="not writable") as info:
+        Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), out_dir=blocker / "run")
+    assert str(blocker) in str(info.value)
+
+
+def test_gradient_accumulation_equals_large_batch() -> None:
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
+    y = (x[:, 0] > 0).long()
+    results = []
+    for batch, accum in ((16, 1), (4, 4)):
+        model = _model()
+        loader = DataLoader(TensorDataset(x, y), batch_size=batch)
+        engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.5), EngineConfig(grad_accum_steps=accum))
+        engine.fit(loader, _ce)
+        results.append(model.state_dict())
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-6, atol=1e-6)
+
+
+def test_ema_matches_explicit_average() -> None:
+    model = _model()
+    ema = ModelEma(model, decay=0.8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for key, value in ema.module.state_dict().items():
+        torch.testing.assert_close(value, 0.8 * before[key] + 0.2 * model.state_dict()[key])
+    warm = ModelEma(model, decay=0.999, warmup=True)
+    assert warm.current_decay() == pytest.approx(1 / 10)
+
+
+def test_clip_and_hooks_and_eval_logged(tmp_path: Path) -> None:
+    seen: dict[str, list[float]] = {"grad_norm": [], "eval": []}
+
+    class Recorder(Hook):
+        def on_step_end(self, engine: Engine, logs: object) -> None:
+            seen["grad_norm"].append(logs["grad_norm"])  # type: ignore[index]
+
+        def on_eval(self, engine: Engine, epoch: int) -> dict[str, float]:
+            seen["eval"].append(epoch)
+            return {"acc": 0.5}
+
+    model = _model()
+    engine = Engine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        EngineConfig(epochs=2, clip_grad_norm=1e-3, log_every=2),
+        out_dir=tmp_path,
+        hooks=[Recorder()],
+    )
+    result = engine.fit(_data(), _ce)
+    assert seen["eval"] == [0, 1] and len(seen["grad_norm"]) == 8
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["eval"] for line in lines if "eval" in line] == [{"acc": 0.5}] * 2
+    assert result.history == lines
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["engine"]["clip_grad_norm"] == 1e-3
+
+
+def test_amp_resolution() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_amp_dtype("auto", cpu) is None
+    assert resolve_amp_dtype("bf16", cpu) is torch.bfloat16
+    with pytest.raises(EvError, match="fp16"):
+        resolve_amp_dtype("fp16", cpu)
+
+
+def test_bf16_autocast_runs_on_cpu() -> None:
+    model = _model()
+    dtypes = []
+
+    def step_fn(model: torch.nn.Module, batch: object, engine: Engine) -> dict[str, torch.Tensor]:
+        x, y = engine.to_device(batch)
+        logits = model(x)
+        dtypes.append(logits.dtype)
+        return {"loss": F.cross_entropy(logits, y)}
+
+    Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), EngineConfig(amp="bf16")).fit(_data(), step_fn)
+    assert set(dtypes) == {torch.bfloat16}
+    assert model[0].weight.dtype == torch.float32
+
+
+def test_checkpoint_manager_ignores_incomplete(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        manager.save(step, lambda folder: (folder / "x").write_text("1"))
+    assert [p.name for p in manager.complete()] == ["step-00000002", "step-00000003"]
+    manager.begin(4)  # killed before commit
+    (tmp_path / "step-00000005").mkdir()  # a folder without COMPLETE
+    (tmp_path / "latest").write_text("step-00000009\n")  # pointer to nothing
+    assert manager.latest() == tmp_path / "step-00000003"
+    removed = {p.name for p in manager.cleanup()}
+    assert removed == {".step-00000004.partial", "step-00000005"}
+
+
+def _ddp_worker(rank: int, world_size: int, out: str) -> None:
+    from torch.utils.data.distributed import DistributedSampler
+
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    y = (x.sum(1) > 0).long()
+    dataset = TensorDataset(x, y)
+    model = _model()
+    loader = DataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, shuffle=False))
+    engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.5), EngineConfig(epochs=2, device="cpu"))
+    assert engine.world_size == world_size
+    engine.fit(loader, _ce)
+    if rank == 0:
+        torch.save(engine.raw_model.state_dict(), out)
+
+
+def test_ddp_two_processes_equal_single_process(tmp_path: Path) -> None:
+    out = tmp_path / "ddp.pt"
+    run_distributed(_ddp_worker, str(out), world_size=2)
+    ddp_state = torch.load(out, weights_only=True)
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    y = (x.sum(1) > 0).long()
+    # DistributedSampler(shuffle=False) gives rank r the samples r, r+2, ...: the union of a step's
+    # two rank batches is 8 consecutive samples, so one process with batch 8 sees the same sets
+    model = _model()
+    engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.5), EngineConfig(epochs=2))
+    engine.fit(DataLoader(TensorDataset(x, y), batch_size=8), _ce)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(ddp_state[key], value, rtol=1e-5, atol=1e-6)
