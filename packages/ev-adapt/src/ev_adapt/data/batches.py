@@ -1,0 +1,87 @@
+"""Training batches of semi-supervised adaptation, drawn lazily and replayably."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ev_adapt.data.domains import DomainData
+
+__all__ = ["SSDABatch", "SSDABatches"]
+
+
+@dataclass(frozen=True)
+class SSDABatch:
+    """The indices and augmentation seed of one step's batch; :meth:`load` makes the tensors."""
+
+    source: Tensor
+    labeled_target: Tensor
+    unlabeled: Tensor
+    seed: int
+
+    def load(self, data: DomainData) -> dict[str, Tensor]:
+        """``{"x_source", "y_source", "x_target", "y_target", "x_weak", "x_strong"}``."""
+        gen = torch.Generator().manual_seed(self.seed)
+        xs, ys = data.labeled("source", self.source, gen)
+        xt, yt = data.labeled("labeled_target", self.labeled_target, gen)
+        xw, xst = data.unlabeled(self.unlabeled, gen)
+        return {
+            "x_source": xs,
+            "y_source": ys,
+            "x_target": xt,
+            "y_target": yt,
+            "x_weak": xw,
+            "x_strong": xst,
+        }
+
+
+class SSDABatches:
+    """``steps`` batches per pass: labelled source, labelled target and unlabelled target indices.
+
+    Sampling is with replacement from each pool, driven by :attr:`generator` (which
+    :class:`~ev_core.training.Engine` seeds every epoch), so skipping batches costs nothing.
+
+    Args:
+        data: the scenario.
+        steps: batches per pass (an engine "epoch": the evaluation interval).
+        source_batch: labelled source images per batch (24 in MCL).
+        target_batch: labelled target images per batch (``min(24, n_labelled)`` in MCL).
+        unlabeled_batch: unlabelled target images per batch (48 in MCL).
+    """
+
+    def __init__(
+        self,
+        data: DomainData,
+        steps: int,
+        source_batch: int = 24,
+        target_batch: int = 24,
+        unlabeled_batch: int = 48,
+    ) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.data = data
+        self.steps = steps
+        self.source_batch = source_batch
+        self.target_batch = min(target_batch, data.sizes["labeled_target"])
+        self.unlabeled_batch = unlabeled_batch
+        self.generator = torch.Generator()
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[SSDABatch]:
+        sizes, gen = self.data.sizes, self.generator
+        for _ in range(self.steps):
+            yield SSDABatch(
+                source=torch.randint(sizes["source"], (self.source_batch,), generator=gen),
+                labeled_target=torch.randint(
+                    sizes["labeled_target"], (self.target_batch,), generator=gen
+                ),
+                unlabeled=torch.randint(
+                    sizes["unlabeled_target"], (self.unlabeled_batch,), generator=gen
+                ),
+                seed=int(torch.randint(0, 2**62, (1,), generator=gen)),
+            )
