@@ -69,7 +69,9 @@ def test_sigkill_then_resume_equals_uninterrupted(
     _assert_same(load_file(str(tmp_path / "final.safetensors")), uninterrupted)
     names = sorted(p.name for p in ckpts.iterdir())
     assert names == ["latest", "step-00000016", "step-00000018"]  # leftovers cleaned, 2 kept
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, 19))  # no step logged twice after the resume
 
 
@@ -129,14 +131,19 @@ def test_non_finite_gradient_is_caught() -> None:
 
 def test_divergence_warns(tmp_path: Path) -> None:
     model = _model()
+
+    def growing(model: torch.nn.Module, batch: object, engine: Engine) -> dict[str, torch.Tensor]:
+        ce = _ce(model, batch, engine)["loss"]
+        return {"loss": ce + 1e3 * engine.state.step}  # finite, but 1000x the start by step 1
+
     engine = Engine(
         model,
-        torch.optim.SGD(model.parameters(), lr=1e4),
-        EngineConfig(epochs=4, log_every=1, divergence_factor=100.0),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        EngineConfig(epochs=2, log_every=1, divergence_factor=100.0),
         out_dir=tmp_path,
     )
     with pytest.warns(RuntimeWarning, match="diverges"):
-        engine.fit(_data(), _ce)
+        engine.fit(_data(), growing)
     assert engine.state.diverged
 
 
@@ -156,7 +163,9 @@ def test_gradient_accumulation_equals_large_batch() -> None:
     for batch, accum in ((16, 1), (4, 4)):
         model = _model()
         loader = DataLoader(TensorDataset(x, y), batch_size=batch)
-        engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.5), EngineConfig(grad_accum_steps=accum))
+        engine = Engine(
+            model, torch.optim.SGD(model.parameters(), lr=0.5), EngineConfig(grad_accum_steps=accum)
+        )
         engine.fit(loader, _ce)
         results.append(model.state_dict())
     for key in results[0]:
@@ -201,7 +210,10 @@ def test_clip_and_hooks_and_eval_logged(tmp_path: Path) -> None:
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["eval"] for line in lines if "eval" in line] == [{"acc": 0.5}] * 2
     assert result.history == lines
-    assert json.loads((tmp_path / "config.json").read_text())["config"]["engine"]["clip_grad_norm"] == 1e-3
+    assert (
+        json.loads((tmp_path / "config.json").read_text())["config"]["engine"]["clip_grad_norm"]
+        == 1e-3
+    )
 
 
 def test_amp_resolution() -> None:
@@ -222,7 +234,9 @@ def test_bf16_autocast_runs_on_cpu() -> None:
         dtypes.append(logits.dtype)
         return {"loss": F.cross_entropy(logits, y)}
 
-    Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), EngineConfig(amp="bf16")).fit(_data(), step_fn)
+    Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), EngineConfig(amp="bf16")).fit(
+        _data(), step_fn
+    )
     assert set(dtypes) == {torch.bfloat16}
     assert model[0].weight.dtype == torch.float32
 
@@ -248,7 +262,9 @@ def _ddp_worker(rank: int, world_size: int, out: str) -> None:
     dataset = TensorDataset(x, y)
     model = _model()
     loader = DataLoader(dataset, batch_size=4, sampler=DistributedSampler(dataset, shuffle=False))
-    engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.5), EngineConfig(epochs=2, device="cpu"))
+    engine = Engine(
+        model, torch.optim.SGD(model.parameters(), lr=0.5), EngineConfig(epochs=2, device="cpu")
+    )
     assert engine.world_size == world_size
     engine.fit(loader, _ce)
     if rank == 0:

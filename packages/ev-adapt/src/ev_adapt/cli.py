@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ev_adapt.models import AdaptModelConfig
 from ev_core.cli import make_package_app, run_cli
+
+if TYPE_CHECKING:
+    from ev_adapt.data.domains import DomainData
+    from ev_adapt.models import AdaptModelConfig
 
 app = make_package_app(
     "ev-adapt", "Semi-supervised domain adaptation: MCL and its baselines on MME lists or digits."
@@ -29,6 +32,7 @@ def _scenario(
     backbone: str,
 ) -> tuple[DomainData, AdaptModelConfig]:
     from ev_adapt.data import ImageListDomainData, digits_shift, mme_lists
+    from ev_adapt.models import AdaptModelConfig
     from ev_adapt.transforms import mme_transforms
     from ev_core.errors import EvError
 
