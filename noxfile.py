@@ -346,6 +346,20 @@ def demo(session: nox.Session) -> None:
     session.run("ev", "demo", "--out", str(out), *session.posargs)
 
 
+@nox.session(name="gpu-bench", python=PYTHON, default=False)
+def gpu_bench(session: nox.Session) -> None:
+    """Every package's GPU benchmark rows within 8 minutes: one JSON + markdown table.
+
+    Same as ``python benchmarks/gpu_bench.py``; on a machine without an NVIDIA GPU the session
+    is skipped with the reason.
+    """
+    ok, why = _gpu_available()
+    if not ok:
+        session.skip(f"gpu-bench needs a CUDA GPU: {why}")
+    _install_packages(session, list(PACKAGES), "cu130")
+    session.run("python", str(ROOT / "benchmarks" / "gpu_bench.py"), *session.posargs)
+
+
 @nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """Run every package's benchmarks (results: benchmark-results/*.json)."""
