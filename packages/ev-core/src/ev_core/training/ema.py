@@ -46,13 +46,27 @@ class ModelEma(nn.Module):
         """Fold the current weights of ``model`` (same architecture) into the average."""
         decay = self.current_decay()
         ema_state = self.module.state_dict()
-        for name, value in model.state_dict().items():
+        model_state = model.state_dict()
+        for name in model_state.keys() - ema_state.keys():
+            self._adopt_buffer(name, model_state[name])
+        for name, value in model_state.items():
+            if name not in ema_state:
+                continue  # adopted above as a copy
             target = ema_state[name]
             if target.is_floating_point():
                 target.lerp_(value.detach().to(target.dtype), 1.0 - decay)
             else:
                 target.copy_(value)
         self.num_updates += 1
+
+    def _adopt_buffer(self, name: str, value: torch.Tensor) -> None:
+        """Copy a buffer the model created after the EMA copy was made (e.g. lazily on its first
+        forward, as Mesa's running estimates) into the matching submodule of the copy."""
+        path, _, leaf = name.rpartition(".")
+        owner = self.module.get_submodule(path) if path else self.module
+        if hasattr(owner, leaf):
+            raise RuntimeError(f"EMA copy: {name!r} exists but is not in the state dict")
+        owner.register_buffer(leaf, value.detach().clone())
 
     def forward(self, *args: object, **kwargs: object) -> object:
         """Run the averaged model."""
