@@ -31,9 +31,9 @@ def grad_reverse(x: Tensor, scale: float = 1.0) -> Tensor:
 
 
 class DigitsCNN(nn.Module):
-    """A small convolutional backbone for 1×16×16 digit images (``num_features`` = 128)."""
+    """A small convolutional backbone for 1×16×16 digit images (``num_features`` = 4·width = 64)."""
 
-    def __init__(self, in_chans: int = 1, width: int = 32) -> None:
+    def __init__(self, in_chans: int = 1, width: int = 16) -> None:
         super().__init__()
         w = width
         self.body = nn.Sequential(
