@@ -237,7 +237,12 @@ def train_adaptation(
         data, config.eval_every, config.source_batch, config.target_batch, config.unlabeled_batch
     )
     fit = engine.fit(loader, objective, resume=resume, stop_at_step=stop_at_step)
-    evaluations = [dict(line["eval"]) for line in fit.history if "eval" in line]
+    history = fit.history
+    evaluated = [line["step"] for line in history if "eval" in line]
+    if fit.finished and (not evaluated or evaluated[-1] != engine.state.step):
+        engine.evaluate()  # the run ended between evaluation points
+        history = engine.history
+    evaluations = [dict(line["eval"]) for line in history if "eval" in line]
     result = AdaptResult(
         evaluations=evaluations, out_dir=Path(out_dir) if out_dir is not None else None
     )

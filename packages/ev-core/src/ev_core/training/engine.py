@@ -429,7 +429,17 @@ class Engine:
             _log.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _evaluate(self, epoch: int) -> None:
+    def evaluate(self, epoch: int | None = None) -> dict[str, float]:
+        """Run every hook's ``on_eval`` now and log the merged metrics (the loop calls it every
+        ``eval_every`` epochs; call it yourself, e.g. after a run that ended mid-epoch).
+
+        Args:
+            epoch: the epoch to report (default: the last completed one).
+
+        Returns:
+            The merged metrics (empty when no hook returned any).
+        """
+        epoch = self.state.epoch - 1 if epoch is None else epoch
         metrics: dict[str, float] = {}
         for hook in self.hooks:
             out = hook.on_eval(self, epoch)
@@ -437,6 +447,7 @@ class Engine:
                 metrics.update(out)
         if metrics:
             self._record({"step": self.state.step, "epoch": epoch, "eval": dict(metrics)})
+        return metrics
 
     def _total_steps(self, loader: Iterable[Any]) -> int | None:
         cfg = self.config
@@ -551,7 +562,7 @@ class Engine:
                     for hook in self.hooks:
                         hook.on_epoch_end(self, epoch)
                     if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
-                        self._evaluate(epoch)
+                        self.evaluate(epoch)
         for hook in self.hooks:
             hook.on_fit_end(self)
         self._barrier()
