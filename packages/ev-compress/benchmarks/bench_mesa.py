@@ -1,11 +1,12 @@
 """Mesa vs baseline training: peak memory, step time, saved activations, batch headroom.
 
-For each model and batch size one AMP training step (forward, cross-entropy, backward, AdamW)
-is timed for the unconverted model (the group's baseline) and for the same model after
-``ev_compress.mesa.convert``. Memory: the peak during one step (``ev_core.benchmark``:
-``torch.cuda.max_memory_allocated`` above the memory in use before the step on a GPU, peak RSS
-on the CPU), and the bytes saved for backward by one forward
-(:class:`ev_compress.mesa.SavedTensorMeter`, parameters excluded). How much larger a batch fits
+For each model, batch size and precision (fp32 and/or AMP) one training step (forward,
+cross-entropy, backward, AdamW) is timed for the unconverted model (the group's baseline) and
+for the same model after ``ev_compress.mesa.convert``. Memory: the peak during one step
+(``ev_core.benchmark``: ``torch.cuda.max_memory_allocated`` above the memory in use before the
+step on a GPU, peak RSS on the CPU), and the activation bytes saved for backward by one forward
+(:class:`ev_compress.mesa.SavedTensorMeter` with ``activations_only``: parameters and
+autocast's casted weight copies are not activations and are excluded). How much larger a batch fits
 in the baseline's memory: ``headroom_peak`` = (baseline peak − gradient bytes) / (Mesa peak −
 gradient bytes) (GPU; the activation part scales with the batch) and ``headroom_saved`` =
 baseline / Mesa saved activations (the activation-only bound; the CPU figure, RSS being noisy).
@@ -13,8 +14,8 @@ baseline / Mesa saved activations (the activation-only bound; the CPU figure, RS
     python packages/ev-compress/benchmarks/bench_mesa.py --quick
     python packages/ev-compress/benchmarks/bench_mesa.py --device cuda --batch-sizes 64 128 \\
         --out mesa_gpu.json
-    python packages/ev-compress/benchmarks/bench_mesa.py --device cpu --batch-sizes 8 \\
-        --out mesa_cpu.json
+    python packages/ev-compress/benchmarks/bench_mesa.py --device cpu --threads 2 \\
+        --models deit_small_patch16_224 --batch-sizes 32 --amp none bf16 --out mesa_cpu.json
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _train_step(
 
 def _saved_bytes(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> int:
     ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-    with ctx, mesa.SavedTensorMeter(model.parameters()) as meter:
+    with ctx, mesa.SavedTensorMeter(model.parameters(), activations_only=True) as meter:
         out = model(x)
     del out
     return meter.total_bytes
@@ -85,7 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 128])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", choices=list(AMP), default=None, help="fp16 (GPU) / bf16 (CPU)")
+    parser.add_argument(
+        "--amp",
+        nargs="+",
+        choices=list(AMP),
+        default=None,
+        help="precisions to run, each a group (default: fp16 on CUDA; none and bf16 on the CPU)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--min-run-time", type=float, default=2.0)
     args = parser.parse_args(argv)
@@ -97,8 +105,9 @@ def main(argv: list[str] | None = None) -> None:
             0.05,
         )
     device = torch.device(args.device)
-    amp_name = args.amp or ("fp16" if device.type == "cuda" else "bf16")
-    amp = AMP[amp_name]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    amp_names = args.amp or (["fp16"] if device.type == "cuda" else ["none", "bf16"])
     suite = BenchmarkSuite(
         "mesa",
         device=device,
@@ -107,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     suite.notes.update(
         {
-            "amp": amp_name,
+            "amp": amp_names,
+            "threads": torch.get_num_threads(),
             "img_size": args.img_size,
             "policy": mesa.MesaPolicy().to_dict(),
             "peak_memory": "cuda max_memory_allocated above the step's start"
@@ -115,8 +125,9 @@ def main(argv: list[str] | None = None) -> None:
             else "peak RSS above the step's start (sampled, noisy)",
         }
     )
-    configs = [(m, bs) for m in args.models for bs in args.batch_sizes]
-    for name, bs in progress(configs, desc="mesa bench"):
+    configs = [(m, bs, a) for m in args.models for bs in args.batch_sizes for a in amp_names]
+    for name, bs, amp_name in progress(configs, desc="mesa bench"):
+        amp = AMP[amp_name]
         group = f"{name} bs{bs} {amp_name}"
         x = torch.randn(bs, 3, args.img_size, args.img_size, device=device)
         rows = {}
@@ -146,25 +157,35 @@ def main(argv: list[str] | None = None) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         base, ours = rows.get("baseline"), rows.get("mesa")
-        if base and ours and base.peak_memory_mib and ours.peak_memory_mib:
+        if base and ours:
             grad_mib = ours.extra["grad_mib"]
             ours.extra["saved_activation_ratio"] = (
                 ours.extra["saved_activation_mib"] / base.extra["saved_activation_mib"]
             )
             ours.extra["headroom_saved"] = 1.0 / ours.extra["saved_activation_ratio"]
-            if ours.peak_memory_mib > grad_mib and base.peak_memory_mib > grad_mib:
+            ours.extra["step_time_ratio"] = ours.median_ms / base.median_ms
+            if (
+                base.peak_memory_mib
+                and ours.peak_memory_mib
+                and ours.peak_memory_mib > grad_mib
+                and base.peak_memory_mib > grad_mib
+            ):
                 ours.extra["headroom_peak"] = (base.peak_memory_mib - grad_mib) / (
                     ours.peak_memory_mib - grad_mib
                 )
     suite.print_table()
-    print("\n| group | saved activations MiB (base → Mesa) | ratio | headroom (saved / peak) |")
-    print("|---|---|---|---|")
+    print(
+        "\n| group | step time ratio | activations MiB (base → Mesa) | ratio | "
+        "headroom (saved / peak) |"
+    )
+    print("|---|---|---|---|---|")
     for row in suite.rows:
         if row.extra.get("saved_activation_ratio") is not None:
             base = next(r for r in suite.rows if r.group == row.group and r.baseline)
             peak = row.extra.get("headroom_peak")
             print(
-                f"| {row.group} | {base.extra['saved_activation_mib']:.1f} → "
+                f"| {row.group} | {row.extra['step_time_ratio']:.2f}× | "
+                f"{base.extra['saved_activation_mib']:.1f} → "
                 f"{row.extra['saved_activation_mib']:.1f} | "
                 f"{row.extra['saved_activation_ratio']:.2f} | "
                 f"{row.extra['headroom_saved']:.2f}× / "

@@ -50,7 +50,8 @@ def _ddp_worker(rank: int, world_size: int) -> None:
     reference(x).square().mean().backward()
     ref = torch.cat([p.grad.flatten() for p in reference.parameters()])
     torch.distributed.all_reduce(ref)
-    assert F.cosine_similarity(ref / world_size, grads, dim=0) > 0.995
+    r, g = (ref / world_size).double(), grads.double()
+    assert float(r @ g / (r.norm() * g.norm())) > 0.995  # float64 cosine
     assert mesa.summary(model).counts() == {"layer_norm": 1, "linear": 4, "sdpa": 1, "gelu": 1}
 
 

@@ -34,7 +34,12 @@ def build(out_dir: str, hooks: list[Hook]) -> tuple[Engine, DataLoader]:
         TensorDataset(x, y), batch_size=8, shuffle=True, generator=torch.Generator()
     )
     cfg = EngineConfig(
-        epochs=3, grad_accum_steps=2, ema_decay=0.9, checkpoint_every=2, log_every=1, keep_checkpoints=2
+        epochs=3,
+        grad_accum_steps=2,
+        ema_decay=0.9,
+        checkpoint_every=2,
+        log_every=1,
+        keep_checkpoints=2,
     )
     return Engine(model, opt, cfg, scheduler=sched, out_dir=out_dir, hooks=hooks), loader
 
@@ -90,7 +95,10 @@ def main() -> None:
     engine.fit(loader, step_fn)
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in engine.raw_model.state_dict().items()}, f"{out_dir}/final.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in engine.raw_model.state_dict().items()},
+        f"{out_dir}/final.safetensors",
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from ev_core.layers.attention import (
     get_attention_backend,
     resolve_backend,
     select_backend,
-    use_fused_attention,
+    settle_backend,
 )
 from ev_core.layers.sra import SpatialReductionAttention
 from ev_core.layers.window import WindowAttention, window_partition, window_reverse
@@ -294,20 +294,22 @@ class TestAttend(BaseTester):
         with pytest.raises(AttentionBackendError, match="cuDNN attention is CUDA-only"):
             select_backend(q, k, v, backend="sdpa_cudnn")
 
-    def test_auto_and_fused_switch(self) -> None:
+    def test_auto_default_and_settled_backends(self) -> None:
         q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
         assert select_backend(q, k, v, backend="auto").name == "sdpa"
-        assert resolve_backend(True) == "sdpa" and resolve_backend(False) == "math"
-        assert_close(attend(q, k, v, fused=True), attend(q, k, v, backend="sdpa"))
-        assert_close(attend(q, k, v, fused=False), attend(q, k, v, backend="math"))
+        assert settle_backend("auto") == "sdpa" and settle_backend("math") == "math"
+        assert_close(attend(q, k, v, backend="sdpa"), attend(q, k, v, backend="math"))
         default = get_attention_backend()
         with attention_backend("math"):
-            assert resolve_backend() == "math" and not use_fused_attention()
+            assert resolve_backend() == "math" and settle_backend() == "math"
+            built_inside = MultiHeadSelfAttention(8, 2)
         assert get_attention_backend() == default
-        with pytest.raises(ValueError, match="either fused= or backend="):
-            attend(q, k, v, fused=True, backend="math")
+        # settled at construction: the module keeps "math" after the context is left
+        assert built_inside.backend == "math" and MultiHeadSelfAttention(8, 2).backend == "sdpa"
         with pytest.raises(ValueError, match="unknown attention backend 'xformers'"):
             attend(q, k, v, backend="xformers")
+        with pytest.raises(ValueError, match="unknown attention backend 'xformers'"):
+            MultiHeadSelfAttention(8, 2, backend="xformers")
 
     def test_invalid_inputs(self) -> None:
         q = torch.randn(1, 2, 4, 8)
@@ -328,10 +330,10 @@ class TestAttend(BaseTester):
 # ----------------------------------------------------------------------------- MSA
 class TestMultiHeadSelfAttention(BaseTester):
     @pytest.mark.parametrize("dtype", DTYPES)
-    @pytest.mark.parametrize("fused", [True, False])
-    def test_matches_reference(self, dtype: torch.dtype, fused: bool) -> None:
+    @pytest.mark.parametrize("backend", ["sdpa", "math"])
+    def test_matches_reference(self, dtype: torch.dtype, backend: str) -> None:
         torch.manual_seed(0)
-        mod = _randomize(MultiHeadSelfAttention(16, 4, fused=fused)).to(dtype)
+        mod = _randomize(MultiHeadSelfAttention(16, 4, backend=backend)).to(dtype)
         x = _tokens(2, 3, 4, 16, dtype)
         _check(mod(x, (3, 4)), ref_msa(x, mod))
 
@@ -339,9 +341,9 @@ class TestMultiHeadSelfAttention(BaseTester):
         torch.manual_seed(1)
         mod = _randomize(MultiHeadSelfAttention(16, 2))
         x, bias = torch.randn(2, 9, 16), torch.randn(2, 9, 9)
-        mod.fused = True
+        mod.backend = "sdpa"
         fused = mod(x, (3, 3), bias=bias)
-        mod.fused = False
+        mod.backend = "math"
         assert_close(fused, mod(x, (3, 3), bias=bias))
 
     def test_gradcheck(self) -> None:
@@ -424,9 +426,9 @@ class TestWindowAttention(BaseTester):
         torch.manual_seed(6)
         mod = _randomize(WindowAttention(16, 4, window_size=4, shift_size=2, rel_pos_bias=rel))
         x = torch.randn(2, 7 * 9, 16)
-        mod.fused = True
+        mod.backend = "sdpa"
         fused = mod(x, (7, 9))
-        mod.fused = False
+        mod.backend = "math"
         assert_close(fused, mod(x, (7, 9)))
 
     def test_gradcheck_shift_pad_bias(self) -> None:
@@ -510,9 +512,9 @@ class TestSpatialReductionAttention(BaseTester):
         torch.manual_seed(9)
         mod = _randomize(SpatialReductionAttention(16, 4, sr_ratio=2))
         x = torch.randn(2, 64, 16)
-        mod.fused = True
+        mod.backend = "sdpa"
         fused = mod(x, (8, 8))
-        mod.fused = False
+        mod.backend = "math"
         assert_close(fused, mod(x, (8, 8)))
 
     @pytest.mark.parametrize("linear", [False, True])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,14 @@ TINY: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"  # provenance: reference/README.md
+
+
 def reference_dir() -> Path:
-    """``<repo>/../shared/reference``, found by walking up from this file (CI: beside the clone)."""
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / "shared" / "reference"
-        if candidate.is_dir():
-            return candidate
-    pytest.fail(f"shared/reference not found beside any parent of {__file__}")
+    """The official test vectors and key layouts kept beside this file (``tests/reference``)."""
+    if not REFERENCE_DIR.is_dir():
+        pytest.fail(f"reference data folder {REFERENCE_DIR} is missing from the checkout")
+    return REFERENCE_DIR
 
 
 def load_vectors(name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -145,8 +147,32 @@ def test_litv2_any_input_size() -> None:
         assert [tuple(f.shape[2:]) for f in feats] == sizes
     with pytest.raises(ValueError, match="resolution-locked"):
         timm.create_model("lit_s", **TINY["lit_s"])(torch.randn(1, 3, 96, 96))
-    with pytest.raises(ValueError, match="img_size"):
-        timm.create_model("lit_ti", **TINY["lit_ti"])(torch.randn(1, 3, 96, 96))
+
+
+def test_lit_ti_any_input_size() -> None:
+    """LIT-Ti at another size = LIT-Ti built for that size with bicubically resampled position
+    embeddings (timm's ``dynamic_img_size``); at its own size nothing is resampled."""
+    torch.manual_seed(0)
+    small = timm.create_model("lit_ti", **TINY["lit_ti"]).eval()
+    big = timm.create_model("lit_ti", **{**TINY["lit_ti"], "img_size": 96}).eval()
+    state = small.state_dict()
+    for i, (gh, gw) in enumerate(small.resolutions):
+        pos = state[f"pos_embed{i + 1}"].double()
+        prefix = 1 if i == 3 else 0
+        grid = pos[:, prefix:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        th, tw = big.resolutions[i]
+        grid = torch.nn.functional.interpolate(grid, size=(th, tw), mode="bicubic")
+        grid = grid.permute(0, 2, 3, 1).reshape(1, th * tw, -1)
+        state[f"pos_embed{i + 1}"] = torch.cat((pos[:, :prefix], grid), 1).float()
+    big.load_state_dict(state)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert_close(small(x), big(x), atol=1e-5, rtol=1e-5)
+        for h, w in ((61, 77), (40, 96)):
+            feats = small.forward_intermediates(torch.randn(1, 3, h, w), intermediates_only=True)
+            hp, wp = -(-h // 4), -(-w // 4)
+            sizes = [(hp >> i, wp >> i) for i in range(4)]
+            assert [tuple(f.shape[2:]) for f in feats] == sizes
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -218,3 +244,33 @@ def test_compile_inductor() -> None:
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_config_is_the_single_source_and_backend_reaches_attention(name: str) -> None:
+    """``create_model(name)`` builds the registered dataclass config; overrides land in
+    ``model.cfg``; ``attn_backend`` reaches every attention layer (HiLo, relative-position MSA,
+    MSA), settled at construction, and gives the same logits as the default backend."""
+    from ev_core.layers import HiLo, MultiHeadSelfAttention
+    from ev_core.registry import get_model_config
+
+    with torch.device("meta"):
+        default = timm.create_model(name)
+    assert default.cfg == dataclasses.replace(get_model_config(name), img_size=default.cfg.img_size)
+    torch.manual_seed(0)
+    sdpa = timm.create_model(name, **TINY[name]).eval()
+    torch.manual_seed(0)
+    math = timm.create_model(name, attn_backend="math", **TINY[name]).eval()
+    assert math.cfg.attn_backend == "math" and math.cfg.depths == tuple(TINY[name]["depths"])
+    layers = [m for m in math.modules() if isinstance(m, HiLo | MultiHeadSelfAttention)]
+    assert layers and {m.backend for m in layers} == {"math"}
+    assert {m.backend for m in sdpa.modules() if isinstance(m, HiLo | MultiHeadSelfAttention)} == {
+        "sdpa"
+    }
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_close(math(x), sdpa(x))
+    with pytest.raises(TypeError, match=r"has no option\(s\) embed_dimm"):
+        timm.create_model(name, embed_dimm=8)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        timm.create_model(name, attn_backend="flash3", **TINY[name])

@@ -252,7 +252,7 @@ def test_moco_macl_with_extra_terms(tmp_path: Path) -> None:
     assert info["config"]["loss"] == "macl" and info["metadata"]["step"] == 1
     assert set(backbone_state_dict(state)) == set(enc.backbone.state_dict())
     dumped = json.loads((tmp_path / "config.json").read_text())
-    assert dumped["config"]["loss_terms"] == [
+    assert dumped["config"]["run"]["loss_terms"] == [
         {"name": "global", "weight": 1.0},
         {"name": "parts", "weight": 0.5},
     ]
@@ -364,10 +364,45 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
     assert set(expected) == set(got)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
-    log_full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
-    log_parts = (parts / "metrics.jsonl").read_text().splitlines()
-    assert log_parts == log_full  # every logged loss/τ/A identical, step by step
+
+    def logged(run: Path) -> list[dict[str, Any]]:  # without the wall-clock time
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+
+    assert logged(parts) == logged(tmp_path / "full")  # every loss/τ/A identical, step by step
     assert (parts / "encoder.safetensors").is_file()
+
+
+def test_non_finite_term_stops_with_step_and_name_and_keeps_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    from ev_core.training import CheckpointManager, NonFiniteLossError
+
+    x, _ = _clusters(n=64)
+    loader = DataLoader(TensorDataset(x), batch_size=16, shuffle=True)
+
+    def breaks_at_step_3(ctx: StepContext) -> torch.Tensor:
+        value = ctx.online[0].embedding.float().pow(2).mean() * 0
+        return value + (float("nan") if ctx.step == 2 else 0.0)
+
+    cfg = PretrainConfig(
+        method="moco", queue_size=32, epochs=2, amp=False, out_dir=str(tmp_path),
+        checkpoint_every_steps=1, log_every_steps=1,
+    )  # fmt: skip
+    trainer = ContrastiveTrainer(
+        _encoder(),
+        cfg,
+        view_generator=_noise_views,
+        loss_terms=[LossTermSpec("bad", breaks_at_step_3)],
+    )
+    with pytest.raises(NonFiniteLossError, match="non-finite bad") as err:
+        trainer.fit(loader)
+    assert err.value.step == 3 and err.value.term == "bad"
+    kept = CheckpointManager(tmp_path / "checkpoints").latest()
+    assert kept is not None and kept.name == "step-00000002" and err.value.checkpoint == kept
+    state, _ = load_checkpoint(kept / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert not (tmp_path / "encoder.safetensors").exists()
 
 
 def test_config_and_trainer_validation() -> None:

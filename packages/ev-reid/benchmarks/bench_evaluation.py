@@ -10,6 +10,13 @@ and the benchmark checks that the metrics are identical.
 The baseline runs under an address-space limit (``--memory-limit-gb``) so that running out
 of memory is recorded as a failure instead of waking the OOM killer.
 
+A second baseline is the evaluator fast-reid users get by default: the Cython
+``evaluate_cy`` of ``fastreid/evaluation/rank_cylib/rank_cy.pyx``. It is compiled here, in the
+benchmark environment, from the installed ``fastreid`` wheel (``pip install fastreid==1.4.0
+--no-deps cython``; or ``--rank-cy-pyx PATH``) with Cython and the system C compiler; when
+that is impossible the row records exactly why. It works in float32 (its mAP may differ from
+the float64 metrics in the last digits).
+
     python packages/ev-reid/benchmarks/bench_evaluation.py --quick
     python packages/ev-reid/benchmarks/bench_evaluation.py --scale 0.25 --out eval.json
 """
@@ -17,8 +24,14 @@ of memory is recorded as a failure instead of waking the OOM killer.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,6 +100,47 @@ def full_matrix_ranking(
     return np.mean(cmcs, 0), float(np.mean(aps)), float(np.mean(inps))
 
 
+def build_fastreid_cython(pyx: Path | None) -> tuple[Any | None, str]:
+    """Compile fast-reid's ``rank_cy.pyx`` into a temporary folder and import it.
+
+    Returns:
+        ``(module, description)``, or ``(None, why it could not be built)``.
+    """
+    if pyx is None:
+        spec = importlib.util.find_spec("fastreid")
+        if spec is None or not spec.submodule_search_locations:
+            return None, "fastreid is not installed (pip install fastreid==1.4.0 --no-deps)"
+        pyx = Path(list(spec.submodule_search_locations)[0]) / "evaluation/rank_cylib/rank_cy.pyx"
+    if not pyx.is_file():
+        return None, f"no rank_cy.pyx at {pyx}"
+    if importlib.util.find_spec("Cython") is None:
+        return None, "Cython is not installed (pip install cython)"
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        return None, f"no C compiler ({cc!r} not on PATH)"
+    build = Path(tempfile.mkdtemp(prefix="rank_cy_"))
+    shutil.copy(pyx, build / "rank_cy.pyx")
+    env = dict(os.environ, CFLAGS=f"-O3 -I{np.get_include()}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "Cython.Build.Cythonize", "-i", "-3", "rank_cy.pyx"],
+        cwd=build,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    built = sorted(build.glob("rank_cy*.so"))
+    if proc.returncode != 0 or not built:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return None, f"cythonize failed (exit {proc.returncode}): {' | '.join(tail)}"
+    spec = importlib.util.spec_from_file_location("rank_cy", built[0])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import Cython
+
+    return module, f"{pyx} compiled with Cython {Cython.__version__}"
+
+
 def _vm_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -116,6 +170,10 @@ def main() -> None:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--ranking-only", action="store_true", help="also time distmat-in")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (both sides)")
+    parser.add_argument(
+        "--rank-cy-pyx", type=Path, default=None, help="fast-reid's rank_cy.pyx (default: found"
+        " in the installed fastreid package)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args()
     if args.threads is not None:
@@ -164,6 +222,24 @@ def main() -> None:
                     baseline=True,
                     memory=True,
                 )
+    rank_cy, how = build_fastreid_cython(args.rank_cy_pyx)
+    suite.notes["fastreid_cython"] = how
+    cy_name = "full matrix + fast-reid Cython evaluate_cy"
+    if rank_cy is None:
+        suite.add_failure(cy_name, group, how)
+    else:
+
+        def cython_full() -> None:
+            q, g = prepare_features(qf, args.metric), prepare_features(gf, args.metric)
+            distmat = pairwise_distance(q, g, args.metric).numpy()
+            results["cython"] = rank_cy.evaluate_cy(distmat, qp, gp, qc, gc, 50)
+
+        try:
+            with MemoryCap(args.memory_limit_gb):
+                suite.add(cy_name, cython_full, group=group, memory=True)
+        except (MemoryError, RuntimeError) as err:
+            reason = f"out of memory under a {args.memory_limit_gb:g} GB cap ({type(err).__name__})"
+            suite.add_failure(cy_name, group, reason)
     suite.add("evaluate_features (chunked)", ours, group=group, memory=True)
 
     if args.ranking_only:
@@ -178,6 +254,14 @@ def main() -> None:
             baseline=True,
             memory=True,
         )
+        if rank_cy is not None:
+            dist_np = distmat.numpy()
+            suite.add(
+                "fast-reid Cython evaluate_cy",
+                lambda: rank_cy.evaluate_cy(dist_np, qp, gp, qc, gc, 50),
+                group=rgroup,
+                memory=True,
+            )
         suite.add(
             "evaluate_rank (chunked)",
             lambda: evaluate_rank(distmat, qp, gp, qc, gc),
@@ -196,6 +280,20 @@ def main() -> None:
         suite.notes["max_abs_metric_difference"] = float(
             max(np.abs(cmc - mine.cmc).max(), abs(mAP - mine.mAP), abs(mINP - mine.mINP))
         )
+    if "cython" in results:
+        cmc_cy, ap_cy, inp_cy = results["cython"]
+        suite.notes["fastreid_cython_metrics"] = {
+            "rank1": float(cmc_cy[0]),
+            "mAP": float(np.mean(ap_cy)),
+            "mINP": float(np.mean(inp_cy)),
+            "max_abs_difference_to_ours": float(
+                max(
+                    np.abs(cmc_cy[:50] - mine.cmc[: len(cmc_cy)]).max(),
+                    abs(float(np.mean(ap_cy)) - mine.mAP),
+                    abs(float(np.mean(inp_cy)) - mine.mINP),
+                )
+            ),
+        }
     suite.print_table()
     print({k: v for k, v in suite.notes.items()})
     if args.out:

@@ -134,6 +134,20 @@ def main() -> None:
         )
         print(f"{name}: build {build_s:.1f}s, recall@{args.k} {row.extra['recall_at_k']:.4f}")
         del built, index
+    # the floor for an exact torch search: one product and one topk, no tie handling
+    qn = torch.nn.functional.normalize(queries, dim=1)
+    gn = torch.nn.functional.normalize(gallery, dim=1)
+
+    def plain_topk() -> None:
+        for s in range(0, qn.shape[0], 256):
+            torch.topk(qn[s : s + 256] @ gn.T, args.k, dim=1)
+
+    suite.add(
+        "plain torch q @ g.T + topk (reference floor)",
+        plain_topk,
+        group=group,
+        items_per_call=args.queries,
+    )
     suite.print_table()
     if args.out:
         suite.write_json(args.out)

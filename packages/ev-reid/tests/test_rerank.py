@@ -20,9 +20,28 @@ from ev_reid.evaluation import (
 
 
 def dense_k_reciprocal(q_g, q_q, g_g, k1, k2, lam):
-    """The standard algorithm (Zhong et al. 2017) on dense (Q+G)² matrices, row by row."""
-    nq = q_g.shape[0]
+    """torchreid's ``re_ranking(q_g_dist, q_q_dist, g_g_dist)``: squares the given distances."""
     dist = np.block([[q_q, q_g], [q_g.T, g_g]]).astype(np.float64) ** 2
+    return _k_reciprocal_loops(dist, q_g.shape[0], k1, k2, lam)
+
+
+def original_rerank_on_features(qf, gf, k1, k2, lam):
+    """The original re-ranking on features (Zhong et al.; reid-strong-baseline), loop by loop.
+
+    Squared Euclidean distance of the features (not squared again), each row divided by its
+    maximum, then the k-reciprocal algorithm (float64 here; the original keeps V in float16).
+    """
+    feat = np.concatenate([qf, gf]).astype(np.float64)
+    n = feat.shape[0]
+    dist = np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            dist[i, j] = np.sum((feat[i] - feat[j]) ** 2)
+    return _k_reciprocal_loops(dist, qf.shape[0], k1, k2, lam)
+
+
+def _k_reciprocal_loops(dist, nq, k1, k2, lam):
+    """The k-reciprocal algorithm (Zhong et al. 2017) on a dense (Q+G)² distance, row by row."""
     dist = dist / dist.max(axis=1, keepdims=True)
     n = dist.shape[0]
     initial_rank = np.argsort(dist, axis=1, kind="stable")
@@ -60,20 +79,32 @@ def _features(nq=30, ng=90, dim=12, dtype=torch.float64, seed=0):
     return x[:nq], x[nq:], ids[:nq], ids[nq:]
 
 
-def _reference(qf, gf, metric, k1, k2, lam):
+def _reference(qf, gf, metric, k1, k2, lam, convention="features"):
     q, g = prepare_features(qf, metric), prepare_features(gf, metric)
+    if convention == "features":  # cosine: the original on L2-normalised features
+        return original_rerank_on_features(q.numpy(), g.numpy(), k1, k2, lam)
     mats = [pairwise_distance(a, b, metric).numpy() for a, b in ((q, g), (q, q), (g, g))]
     return dense_k_reciprocal(*mats, k1=k1, k2=k2, lam=lam)
 
 
+@pytest.mark.parametrize("convention", ["features", "distances"])
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 @pytest.mark.parametrize(("k1", "k2", "lam"), [(20, 6, 0.3), (7, 1, 0.5), (5, 3, 0.0)])
-def test_torch_backend_matches_dense_reference(metric, k1, k2, lam):
+def test_torch_backend_matches_dense_reference(metric, k1, k2, lam, convention):
     qf, gf, _, _ = _features()
-    expected = _reference(qf, gf, metric, k1, k2, lam)
-    cfg = RerankConfig(k1=k1, k2=k2, lambda_value=lam, chunk_size=1)
+    expected = _reference(qf, gf, metric, k1, k2, lam, convention)
+    cfg = RerankConfig(k1=k1, k2=k2, lambda_value=lam, convention=convention, chunk_size=1)
     got = k_reciprocal_rerank(qf, gf, metric=metric, config=cfg)
-    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-10)
+
+
+def test_default_is_the_original_on_features_not_squared_distances():
+    qf, gf, _, _ = _features(seed=4)
+    got = k_reciprocal_rerank(qf, gf, metric="euclidean")
+    original = original_rerank_on_features(qf.numpy(), gf.numpy(), 20, 6, 0.3)
+    np.testing.assert_allclose(got.numpy(), original, rtol=0, atol=1e-10)
+    squared = _reference(qf, gf, "euclidean", 20, 6, 0.3, "distances")  # ‖a-b‖⁴ in effect
+    assert np.abs(squared - original).max() > 1e-3
 
 
 def test_float32_features_and_faiss_backend_close_to_reference():

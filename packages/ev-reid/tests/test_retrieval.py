@@ -14,7 +14,7 @@ from ev_reid.retrieval import (
     ReidIndex,
     SearchHit,
     recall_at_k,
-    resolve_backend,
+    select_index_backend,
 )
 
 
@@ -56,25 +56,46 @@ def _clustered(n, dim, seed, n_clusters=50):
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
 @pytest.mark.parametrize("backend", ["torch", "faiss-flat"])
-def test_exact_backends_match_brute_force(backend, metric, monkeypatch):
-    monkeypatch.setattr(index_mod, "_GALLERY_BLOCK", 128)  # exercise the block merge
+def test_exact_backends_match_brute_force(backend, metric):
     g = torch.randn(700, 24, generator=torch.Generator().manual_seed(0))
     q = torch.randn(40, 24, generator=torch.Generator().manual_seed(1))
-    index = ReidIndex.build(g, _records(700), IndexConfig(backend=backend, metric=metric))
+    cfg = IndexConfig(backend=backend, metric=metric, query_chunk=16)  # several query chunks
+    index = ReidIndex.build(g, _records(700), cfg)
     dist, idx = index.search_arrays(q, 10)
     ref_d, ref_i = _brute_force(q, g, metric, 10)
     np.testing.assert_array_equal(idx.numpy(), ref_i)
     np.testing.assert_allclose(dist.numpy(), ref_d, rtol=1e-4, atol=1e-4)
 
 
-def test_torch_backend_ties_resolve_by_index_across_blocks(monkeypatch):
-    monkeypatch.setattr(index_mod, "_GALLERY_BLOCK", 4)
-    g = torch.tensor([[1.0, 0.0]] * 6 + [[0.0, 1.0]] * 6)  # two groups of identical vectors
-    index = ReidIndex.build(g, _records(12), IndexConfig(backend="torch", metric="euclidean"))
+@pytest.mark.parametrize("backend", ["torch", "faiss-flat"])
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_exact_backends_order_ties_by_gallery_index(backend, metric):
+    # two groups of identical vectors (exactly representable scores): ties inside the k
+    # results and across the k-th place; the documented order is ascending gallery index
+    g = torch.tensor([[1.0, 0.0]] * 6 + [[0.0, 1.0]] * 6)
+    g = g[torch.tensor([3, 7, 0, 9, 1, 11, 2, 5, 10, 4, 8, 6])]  # groups interleaved
+    index = ReidIndex.build(g, _records(12), IndexConfig(backend=backend, metric=metric))
     dist, idx = index.search_arrays(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), 8)
-    assert idx[0].tolist() == [6, 7, 8, 9, 10, 11, 0, 1]
-    assert idx[1].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
-    assert dist[0, :6].eq(0).all() and dist[0, 6:].eq(2).all()
+    group_b = [i for i in range(12) if g[i, 1] == 1]
+    group_a = [i for i in range(12) if g[i, 0] == 1]
+    assert idx[0, :6].tolist() == group_b and idx[1, :6].tolist() == group_a
+    if backend == "faiss-flat" and metric == "cosine":
+        # IndexFlatIP picks its own subset of the entries tied at the k-th place (documented)
+        assert set(idx[0, 6:].tolist()) <= set(group_a) and idx[0, 6] < idx[0, 7]
+        assert set(idx[1, 6:].tolist()) <= set(group_b) and idx[1, 6] < idx[1, 7]
+    else:  # torch and IndexFlatL2: the lowest indices, in ascending order
+        assert idx[0, 6:].tolist() == group_a[:2] and idx[1, 6:].tolist() == group_b[:2]
+    far = 1.0 if metric == "cosine" else 2.0
+    assert dist[0, :6].eq(0).all() and dist[0, 6:].eq(far).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss-flat", "faiss-hnsw"])
+def test_empty_query_batch_gives_empty_results(backend):
+    index = ReidIndex.build(_clustered(50, 8, seed=8), _records(50), IndexConfig(backend=backend))
+    dist, idx = index.search_arrays(torch.empty(0, 8), 5)
+    assert dist.shape == (0, 5) and idx.shape == (0, 5)
+    assert dist.dtype == torch.float32 and idx.dtype == torch.int64
+    assert index.search(torch.empty(0, 8), k=5) == []
 
 
 @pytest.mark.parametrize("backend", ["torch", "faiss-flat", "faiss-ivfpq", "faiss-hnsw"])
@@ -124,8 +145,8 @@ def test_recall_at_k_hand_case():
 def test_backend_errors(monkeypatch):
     monkeypatch.setattr(index_mod, "_import_faiss", lambda: None)
     with pytest.raises(RuntimeError, match=r"pip install ev-reid\[faiss\]"):
-        resolve_backend(IndexConfig(backend="faiss-hnsw"))
-    assert resolve_backend(IndexConfig()) is IndexBackend.TORCH  # auto falls back to torch
+        select_index_backend(IndexConfig(backend="faiss-hnsw"))
+    assert select_index_backend(IndexConfig()) is IndexBackend.TORCH  # auto falls back to torch
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             ReidIndex(8, IndexConfig(backend="torch", device="cuda"))

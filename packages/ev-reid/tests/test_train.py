@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -260,6 +261,22 @@ def test_finetune_from_upreid_checkpoint_and_evaluate(
     assert result.history[-1]["eval"] == result.metrics
 
 
+def test_weights_are_saved_before_the_final_evaluation(
+    synthetic: Market1501, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ev_reid.inference
+
+    def failing_evaluation(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(ev_reid.inference, "evaluate_model", failing_evaluation)
+    cfg = _train_cfg(tmp_path, epochs=1, max_steps_per_epoch=2)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train(cfg, synthetic)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "model.json").is_file()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+
+
 # ----------------------------------------------------------------------------------------
 # DDP: 2 gloo processes, gradients = mean of the single-process gradients of each shard
 # ----------------------------------------------------------------------------------------
@@ -298,6 +315,38 @@ def _ddp_worker(rank: int, world_size: int) -> None:
 @pytest.mark.distributed
 def test_ddp_step_matches_single_process_gradient_average() -> None:
     run_distributed(_ddp_worker, world_size=2)
+
+
+def _ddp_train_worker(rank: int, world_size: int, root: str, out: str) -> None:
+    torch.set_num_threads(1)
+    cfg = _train_cfg(Path(out), epochs=2, eval_every=1, data_root=root, dataset="market1501")
+    result = train(cfg)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert result.history[0]["steps"] == result.history[1]["steps"] > 0
+    if rank == 0:  # rank 0 evaluates (mid-run and final) and writes the outputs
+        assert result.metrics is not None and "eval" in result.history[0]
+        assert result.model_path is not None and result.model_path.is_file()
+    else:
+        assert result.metrics is None and result.model_path is None
+    # every rank holds the same parameters (DDP; BatchNorm running statistics are per rank)
+    # and logged the same rank-averaged losses
+    for name, value in result.model.named_parameters():
+        ref = value.detach().clone()
+        torch.distributed.broadcast(ref, src=0)
+        assert torch.equal(ref, value.detach()), name
+    losses = torch.tensor([h["loss"] for h in result.history], dtype=torch.float64)
+    ref = losses.clone()
+    torch.distributed.broadcast(ref, src=0)
+    assert torch.equal(ref, losses)
+
+
+@pytest.mark.distributed
+def test_train_under_two_ddp_ranks(synthetic: Market1501, tmp_path: Path) -> None:
+    run_distributed(
+        _ddp_train_worker, str(synthetic.dataset_dir), str(tmp_path / "ddp"), world_size=2
+    )
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2] and metrics["final"] is not None
 
 
 def test_bf16_autocast_step_is_finite_and_close_to_fp32() -> None:

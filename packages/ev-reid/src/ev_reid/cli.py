@@ -36,7 +36,14 @@ DataRootOpt = Annotated[Path, typer.Option(help="Dataset root folder.", rich_hel
 DeviceOpt = Annotated[
     str, typer.Option(help="'auto', 'cpu', 'cuda', 'cuda:1', ...", rich_help_panel=_RUN)
 ]
-WorkersOpt = Annotated[int, typer.Option(help="DataLoader workers.", rich_help_panel=_RUN)]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="DataLoader workers (default: the CPUs available, at most 4).",
+        rich_help_panel=_RUN,
+        show_default=False,
+    ),
+]
 BackboneOpt = Annotated[
     str,
     typer.Option(
@@ -50,6 +57,46 @@ BackboneKwargsOpt = Annotated[
         rich_help_panel=_MODEL,
     ),
 ]
+
+
+def _flag(**kwargs: Any) -> Any:
+    """A ``--name/--no-name`` option, shown in ``--help`` without a ``<bool>`` placeholder."""
+    return typer.Option(metavar="", **kwargs)
+
+
+def _workers(value: int | None) -> int:
+    if value is None:
+        from ev_reid.train import default_num_workers
+
+        return default_num_workers()
+    if value < 0:
+        raise typer.BadParameter("must be >= 0", param_hint="--num-workers")
+    return value
+
+
+def _dataset(name: str, root: Path) -> Any:
+    """``ev_reid.datasets.create(name, root)``; an unknown name is a usage error."""
+    from ev_reid.datasets import create, names
+
+    if name.lower() not in names():
+        raise typer.BadParameter(
+            f"unknown dataset {name!r}; known: {', '.join(names())}", param_hint="--dataset"
+        )
+    return create(name, root)
+
+
+def _check_backbone(name: str) -> None:
+    """An unknown ``--backbone`` is a usage error, found before any data is read."""
+    import timm
+
+    import ev_core  # noqa: F401  (registers the ev models with timm)
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise typer.BadParameter(
+            f"unknown model {name!r} (not a timm or ev-core model){hint}", param_hint="--backbone"
+        )
 
 
 def _json_dict(text: str, option: str) -> dict[str, Any]:
@@ -77,7 +124,7 @@ def synth_cmd(
     width: Annotated[int, typer.Option(help="Image width.")] = 64,
     train_fraction: Annotated[float, typer.Option(help="Share of identities for training.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Everything is a function of the config.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier synthetic dataset.")] = False,
+    overwrite: Annotated[bool, _flag(help="Replace an earlier synthetic dataset.")] = False,
 ) -> None:
     """Generate a synthetic Market-1501-format dataset (identities x cameras)."""
     from ev_reid.datasets import Market1501, generate_synthetic_market
@@ -117,10 +164,10 @@ def pretrain_cmd(
     backbone: BackboneOpt = "resnet50",
     backbone_kwargs: BackboneKwargsOpt = "{}",
     pretrained: Annotated[
-        bool, typer.Option(help="timm's pretrained weights.", rich_help_panel=_MODEL)
+        bool, _flag(help="timm's pretrained weights.", rich_help_panel=_MODEL)
     ] = False,
     last_stride_1: Annotated[
-        bool, typer.Option(help="ResNet last stride 1.", rich_help_panel=_MODEL)
+        bool, _flag(help="ResNet last stride 1.", rich_help_panel=_MODEL)
     ] = False,
     proj_hidden_dim: Annotated[
         int, typer.Option(help="Projection MLP width.", rich_help_panel=_MODEL)
@@ -142,12 +189,10 @@ def pretrain_cmd(
     momentum: Annotated[
         float, typer.Option(help="MoCo key-encoder momentum.", rich_help_panel=_OPT)
     ] = 0.999,
-    global_term: Annotated[
-        bool, typer.Option(help="I² global consistency.", rich_help_panel=_OPT)
-    ] = True,
+    global_term: Annotated[bool, _flag(help="I² global consistency.", rich_help_panel=_OPT)] = True,
     global_weight: Annotated[float, typer.Option(help="Its weight.", rich_help_panel=_OPT)] = 1.0,
     local_term: Annotated[
-        bool, typer.Option(help="I² local stripe contrast.", rich_help_panel=_OPT)
+        bool, _flag(help="I² local stripe contrast.", rich_help_panel=_OPT)
     ] = True,
     local_weight: Annotated[float, typer.Option(help="Its weight.", rich_help_panel=_OPT)] = 0.5,
     local_temperature: Annotated[float, typer.Option(help="Its τ.", rich_help_panel=_OPT)] = 0.2,
@@ -167,12 +212,12 @@ def pretrain_cmd(
     warmup_steps: Annotated[
         int, typer.Option(help="Linear warm-up steps.", rich_help_panel=_OPT)
     ] = 0,
-    amp: Annotated[bool, typer.Option(help="Mixed precision.", rich_help_panel=_RUN)] = True,
+    amp: Annotated[bool, _flag(help="Mixed precision.", rich_help_panel=_RUN)] = True,
     device: DeviceOpt = "auto",
-    num_workers: WorkersOpt = 4,
+    num_workers: WorkersOpt = None,
     seed: Annotated[int, typer.Option(help="Seed.", rich_help_panel=_RUN)] = 0,
     resume: Annotated[
-        bool, typer.Option(help="Continue from OUT/checkpoints.", rich_help_panel=_RUN)
+        bool, _flag(help="Continue from OUT/checkpoints.", rich_help_panel=_RUN)
     ] = False,
 ) -> None:
     """UP-ReID unsupervised pre-training (MoCo/SimCLR + I² regularisation) on unlabelled images."""
@@ -182,6 +227,7 @@ def pretrain_cmd(
     from ev_reid.data import PretrainViewConfig
     from ev_reid.pretrain import UPReIDConfig, default_upreid_ssl_config, pretrain_upreid
 
+    _check_backbone(backbone)
     ssl = dataclasses.replace(
         default_upreid_ssl_config(),
         method=method,  # type: ignore[arg-type]
@@ -220,7 +266,7 @@ def pretrain_cmd(
         views=PretrainViewConfig(height=height, width=width, num_stripes=num_stripes),
         ssl=ssl,
         batch_size=batch_size,
-        num_workers=num_workers,
+        num_workers=_workers(num_workers),
     )
     init_distributed()
     try:
@@ -247,13 +293,20 @@ def train_cmd(
             rich_help_panel=_MODEL,
         ),
     ] = None,
+    allow_partial: Annotated[
+        bool,
+        _flag(
+            help="Accept --init weights that fill only part of the backbone.",
+            rich_help_panel=_MODEL,
+        ),
+    ] = False,
     backbone: BackboneOpt = "resnet50",
     backbone_kwargs: BackboneKwargsOpt = "{}",
     pretrained: Annotated[
-        bool, typer.Option(help="timm's pretrained weights.", rich_help_panel=_MODEL)
+        bool, _flag(help="timm's pretrained weights.", rich_help_panel=_MODEL)
     ] = False,
     last_stride_1: Annotated[
-        bool, typer.Option(help="ResNet last stride 1.", rich_help_panel=_MODEL)
+        bool, _flag(help="ResNet last stride 1.", rich_help_panel=_MODEL)
     ] = True,
     pooling: Annotated[str, typer.Option(help="'avg' or 'gem'.", rich_help_panel=_MODEL)] = "avg",
     neck: Annotated[
@@ -297,9 +350,7 @@ def train_cmd(
     triplet_metric: Annotated[
         str, typer.Option(help="'euclidean' or 'cosine'.", rich_help_panel=_OPT)
     ] = "euclidean",
-    soft_margin: Annotated[
-        bool, typer.Option(help="Soft-margin triplet.", rich_help_panel=_OPT)
-    ] = False,
+    soft_margin: Annotated[bool, _flag(help="Soft-margin triplet.", rich_help_panel=_OPT)] = False,
     eval_every: Annotated[
         int, typer.Option(help="Evaluate every N epochs (0: at the end).", rich_help_panel=_RUN)
     ] = 10,
@@ -307,20 +358,20 @@ def train_cmd(
         str, typer.Option(help="'cosine' or 'euclidean'.", rich_help_panel=_RUN)
     ] = "cosine",
     flip: Annotated[
-        bool, typer.Option(help="Flip-averaged features at evaluation.", rich_help_panel=_RUN)
+        bool, _flag(help="Flip-averaged features at evaluation.", rich_help_panel=_RUN)
     ] = False,
     rerank: Annotated[
-        bool, typer.Option(help="k-reciprocal re-ranking at evaluation.", rich_help_panel=_RUN)
+        bool, _flag(help="k-reciprocal re-ranking at evaluation.", rich_help_panel=_RUN)
     ] = False,
     max_steps_per_epoch: Annotated[
         int | None, typer.Option(help="Cap on steps per epoch.", rich_help_panel=_OPT)
     ] = None,
-    amp: Annotated[bool, typer.Option(help="Mixed precision.", rich_help_panel=_RUN)] = False,
+    amp: Annotated[bool, _flag(help="Mixed precision.", rich_help_panel=_RUN)] = False,
     device: DeviceOpt = "auto",
-    num_workers: WorkersOpt = 4,
+    num_workers: WorkersOpt = None,
     seed: Annotated[int, typer.Option(help="Seed.", rich_help_panel=_RUN)] = 0,
     resume: Annotated[
-        bool, typer.Option(help="Continue from OUT/checkpoints.", rich_help_panel=_RUN)
+        bool, _flag(help="Continue from OUT/checkpoints.", rich_help_panel=_RUN)
     ] = False,
 ) -> None:
     """Supervised fine-tuning (BoT: label-smoothed ID + batch-hard triplet, BNNeck, warm-up)."""
@@ -330,6 +381,7 @@ def train_cmd(
     from ev_reid.train import TrainConfig, train
 
     try:
+        _check_backbone(backbone)
         model = ReidModelConfig(
             backbone=backbone,
             backbone_kwargs=_json_dict(backbone_kwargs, "--backbone-kwargs"),
@@ -345,6 +397,7 @@ def train_cmd(
             data_root=str(data_root),
             model=model,
             init_checkpoint=None if init is None else str(init),
+            allow_partial=allow_partial,
             transform=ReidTransformConfig(height=height, width=width, erasing_p=erasing_p),
             num_identities=num_identities,
             num_instances=num_instances,
@@ -364,7 +417,7 @@ def train_cmd(
             rerank=rerank,
             amp=amp,
             device=device,
-            num_workers=num_workers,
+            num_workers=_workers(num_workers),
             seed=seed,
             resume=resume,
             max_steps_per_epoch=max_steps_per_epoch,
@@ -390,12 +443,10 @@ def eval_cmd(
     dataset: DatasetOpt = "market1501",
     data_root: DataRootOpt = Path("data"),
     metric: Annotated[str, typer.Option(help="'cosine' or 'euclidean'.")] = "cosine",
-    flip: Annotated[bool, typer.Option(help="Flip-averaged features.")] = False,
-    rerank: Annotated[
-        bool, typer.Option(help="k-reciprocal re-ranking (k1 20, k2 6, λ 0.3).")
-    ] = False,
+    flip: Annotated[bool, _flag(help="Flip-averaged features.")] = False,
+    rerank: Annotated[bool, _flag(help="k-reciprocal re-ranking (k1 20, k2 6, λ 0.3).")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
-    num_workers: WorkersOpt = 4,
+    num_workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write the metrics as JSON.")
@@ -403,17 +454,20 @@ def eval_cmd(
 ) -> None:
     """CMC / mAP / mINP of a trained model on a dataset's query and gallery (Market protocol)."""
     from ev_core.io import write_json
-    from ev_reid.datasets import create
-    from ev_reid.train import evaluate_checkpoint
+    from ev_reid.inference import evaluate_checkpoint
 
+    if out is not None:
+        from ev_core.training import check_writable
+
+        check_writable(out.parent)
     result = evaluate_checkpoint(
         checkpoint,
-        create(dataset, data_root),
+        _dataset(dataset, data_root),
         metric=metric,
         flip=flip,
         rerank=rerank,
         batch_size=batch_size,
-        num_workers=num_workers,
+        num_workers=_workers(num_workers),
         device=device,
     )
     metrics = result.as_dict()
@@ -440,15 +494,14 @@ def index_cmd(
     ] = "auto",
     metric: Annotated[str, typer.Option(help="'cosine' or 'euclidean'.")] = "cosine",
     index_device: Annotated[str, typer.Option(help="Index device: 'cpu' or 'cuda'.")] = "cpu",
-    flip: Annotated[bool, typer.Option(help="Flip-averaged features.")] = False,
+    flip: Annotated[bool, _flag(help="Flip-averaged features.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
-    num_workers: WorkersOpt = 4,
+    num_workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Embed a dataset split with a trained model and save a searchable index (with records)."""
-    from ev_reid.datasets import create
+    from ev_reid.inference import build_index
     from ev_reid.retrieval import IndexConfig
-    from ev_reid.train import build_index
 
     if split not in ("gallery", "query", "train"):
         raise typer.BadParameter("must be gallery, query or train", param_hint="--split")
@@ -456,7 +509,7 @@ def index_cmd(
         config = IndexConfig(backend=backend, metric=metric, device=index_device)  # type: ignore[arg-type]
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    records = getattr(create(dataset, data_root), split)
+    records = getattr(_dataset(dataset, data_root), split)
     index = build_index(
         checkpoint,
         records,
@@ -464,7 +517,7 @@ def index_cmd(
         config=config,
         flip=flip,
         batch_size=batch_size,
-        num_workers=num_workers,
+        num_workers=_workers(num_workers),
         device=device,
     )
     typer.echo(f"indexed {len(index)} images ({index.backend.value}) -> {out}")
@@ -485,8 +538,8 @@ def search_cmd(
 ) -> None:
     """Ranked gallery images (path, person id, camera, distance) for each query image."""
     from ev_core.io import write_json
+    from ev_reid.inference import search_index
     from ev_reid.records import ReidRecord
-    from ev_reid.train import search_index
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
@@ -523,7 +576,7 @@ def search_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("ev-reid-demo"),
-    quick: Annotated[bool, typer.Option(help="Tiny sizes (under a minute).")] = False,
+    quick: Annotated[bool, _flag(help="Tiny sizes (under a minute).")] = False,
 ) -> None:
     """Synthetic data → UP-ReID pre-training → fine-tuning → evaluation → index → ranked-list PNG."""
     from ev_reid.demo import run_demo
@@ -534,8 +587,10 @@ def demo_cmd(
 
 
 def main() -> None:
-    """Console script ``ev-reid``."""
-    app()
+    """Console script ``ev-reid`` (known errors: one line on stderr, exit 2; ``--debug``)."""
+    from ev_core.cli import run_cli
+
+    run_cli(app)
 
 
 if __name__ == "__main__":  # `torchrun ... -m ev_reid.cli train ...`

@@ -9,10 +9,12 @@ The recommended design, on :class:`ev_core.ssl.ContrastiveTrainer`:
   (momentum encoder under MoCo) embedding of the *original* image (resize + flip only);
 * **intrinsic local contrast** (weight 0.5): the backbone's feature map is cut into 3
   horizontal stripes, each average-pooled and projected by a shared MLP head to 128-d; InfoNCE
-  (τ 0.2) or MACL treats stripe ``s`` of image ``i`` in the other view as the positive and every
-  other stripe (of the same and of other images, both views) as negatives. The views use
-  only flips and aspect-preserving crops (:func:`ev_reid.data.build_pretrain_views`), so
-  stripe ``s`` covers the same body part in both.
+  (τ 0.2) or MACL treats stripe ``s`` of image ``i`` in the other view as the positive and, by
+  default, every other stripe (of the same and of other images, both views) as negatives;
+  ``local_negatives="image"`` keeps only the same image's other stripes
+  (:func:`ev_reid.losses.local_stripe_contrast`). The views use only flips and
+  aspect-preserving crops (:func:`ev_reid.data.build_pretrain_views`), so stripe ``s`` covers
+  the same body part in both.
 
 ``pretrain_upreid(cfg)`` runs it on unlabelled images (a dataset's records with pids ignored,
 or a folder of images) and writes ``backbone.safetensors`` (keys ``backbone.*``), which
@@ -26,242 +28,42 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ev_core.checkpoint import save_checkpoint
 from ev_core.distributed import get_logger, get_world_size, is_main_process
-from ev_core.losses import info_nce_loss, macl_loss
-from ev_core.losses.contrastive import ContrastiveOutput
-from ev_core.ssl import (
-    ContrastiveEncoder,
-    EncoderOutput,
-    LossTermSpec,
-    PretrainConfig,
-    ProjectionHead,
-    StepContext,
-    pretrain,
-)
+from ev_core.ssl import ContrastiveEncoder, LossTermSpec, PretrainConfig, pretrain
 from ev_reid.data.transforms import PretrainViewConfig, build_pretrain_views
-from ev_reid.models.pooling import stripe_pool
+# the I² losses live in ev_reid.losses and the adapters in ev_reid.models; the two loss
+# functions stay importable from here for code written against the earlier layout
+from ev_reid.losses.upreid import (
+    GlobalConsistencyTerm,
+    LocalNegatives,
+    LocalStripeContrastTerm,
+    global_consistency_loss,  # noqa: F401
+    local_stripe_contrast,  # noqa: F401
+)
+from ev_reid.models.adapters import FeatureMapBackbone, StripeProjection
 from ev_reid.models.reid import create_backbone
 from ev_reid.records import ReidRecord
 
 __all__ = [
-    "FeatureMapBackbone",
-    "GlobalConsistencyTerm",
-    "LocalStripeContrastTerm",
-    "StripeProjection",
     "UPReIDConfig",
     "UPReIDResult",
     "build_upreid_encoder",
     "default_upreid_ssl_config",
-    "global_consistency_loss",
-    "local_stripe_contrast",
     "pretrain_upreid",
     "unlabelled_records",
 ]
 
 _log = get_logger(__name__)
-ContrastiveKind = Literal["infonce", "macl"]
-
-
-# ----------------------------------------------------------------------------------------
-# the I² loss terms (functional)
-# ----------------------------------------------------------------------------------------
-def global_consistency_loss(
-    queries: Sequence[torch.Tensor], key_original: torch.Tensor
-) -> torch.Tensor:
-    """UP-ReID's global consistency ``mean_v (1 − cos(q_v, sg(k_orig)))``, averaged over the batch.
-
-    Args:
-        queries: one ``[B, D]`` online embedding per augmented view.
-        key_original: ``[B, D]`` target embedding of the original images (detached here).
-
-    Returns:
-        Scalar loss in ``[0, 2]``, computed in float32 (float64 stays float64).
-    """
-    if not queries:
-        raise ValueError("global_consistency_loss needs at least one view")
-    dtype = torch.float64 if key_original.dtype == torch.float64 else torch.float32
-    k = F.normalize(key_original.detach().to(dtype), dim=1)
-    terms = []
-    for q in queries:
-        if q.shape != key_original.shape:
-            raise ValueError(
-                f"view embedding {tuple(q.shape)} and original {tuple(key_original.shape)} differ"
-            )
-        cos = (F.normalize(q.to(dtype), dim=1) * k).sum(dim=1)
-        terms.append((1.0 - cos).mean())
-    return torch.stack(terms).mean()
-
-
-def local_stripe_contrast(
-    stripes1: torch.Tensor,
-    stripes2: torch.Tensor,
-    *,
-    loss: ContrastiveKind = "infonce",
-    temperature: float = 0.2,
-    macl_alpha: float = 0.5,
-    macl_a0: float = 0.0,
-    gather_distributed: bool = False,
-) -> ContrastiveOutput:
-    """UP-ReID's intrinsic local contrast among horizontal stripes.
-
-    The ``B·S`` stripe embeddings of each view are flattened (image-major) and contrasted in
-    SimCLR's symmetric arrangement: stripe ``s`` of image ``i`` in one view has the same stripe
-    of the same image in the other view as its positive and all other ``2·B·S − 2`` stripe
-    embeddings (other stripes of the same image, every stripe of other images, both views) as
-    negatives.
-
-    Args:
-        stripes1: ``[B, S, D]`` stripe embeddings of view 1.
-        stripes2: ``[B, S, D]`` stripe embeddings of view 2.
-        loss: ``"infonce"`` (temperature τ) or ``"macl"`` (τ0 = ``temperature``).
-        temperature: τ (UP-ReID: 0.2).
-        macl_alpha: MACL's α.
-        macl_a0: MACL's A0.
-        gather_distributed: take negatives from every DDP rank.
-
-    Returns:
-        The :class:`~ev_core.losses.ContrastiveOutput` (loss, τ, alignment, accuracy).
-    """
-    if stripes1.ndim != 3 or stripes1.shape != stripes2.shape:
-        raise ValueError(
-            f"stripe embeddings must both be [B, S, D], got {tuple(stripes1.shape)} and "
-            f"{tuple(stripes2.shape)}"
-        )
-    z1, z2 = stripes1.flatten(0, 1), stripes2.flatten(0, 1)
-    if loss == "macl":
-        return macl_loss(
-            z1,
-            z2,
-            tau0=temperature,
-            alpha=macl_alpha,
-            a0=macl_a0,
-            gather_distributed=gather_distributed,
-        )
-    if loss == "infonce":
-        return info_nce_loss(z1, z2, temperature=temperature, gather_distributed=gather_distributed)
-    raise ValueError(f"loss must be 'infonce' or 'macl', got {loss!r}")
-
-
-@dataclass
-class GlobalConsistencyTerm:
-    """:class:`ev_core.ssl.LossTerm` computing :func:`global_consistency_loss` from a step.
-
-    Uses the online embeddings of both views and the trainer's target-encoder embedding of
-    the original images (``ctx.original``; the momentum encoder under MoCo).
-    """
-
-    def __call__(self, ctx: StepContext) -> torch.Tensor:
-        if ctx.original is None:
-            raise ValueError(
-                "the global consistency term needs the original images: load data with "
-                "ev_reid.data.build_pretrain_views (view1, view2, original)"
-            )
-        queries = [ctx.online[0].embedding, ctx.online[1].embedding]
-        return global_consistency_loss(queries, ctx.original.embedding)
-
-
-@dataclass
-class LocalStripeContrastTerm:
-    """:class:`ev_core.ssl.LossTerm` computing :func:`local_stripe_contrast` from a step.
-
-    Reads the ``"stripes"`` extra of both views' online outputs (:class:`StripeProjection`).
-    """
-
-    loss: ContrastiveKind = "infonce"
-    temperature: float = 0.2
-    macl_alpha: float = 0.5
-    macl_a0: float = 0.0
-
-    def __call__(self, ctx: StepContext) -> torch.Tensor:
-        o1, o2 = ctx.online
-        if "stripes" not in o1.extras:
-            raise ValueError(
-                "the encoder has no 'stripes' head: build it with build_upreid_encoder"
-            )
-        return local_stripe_contrast(
-            o1.extras["stripes"],
-            o2.extras["stripes"],
-            loss=self.loss,
-            temperature=self.temperature,
-            macl_alpha=self.macl_alpha,
-            macl_a0=self.macl_a0,
-            gather_distributed=ctx.distributed,
-        ).loss
 
 
 # ----------------------------------------------------------------------------------------
 # encoder
 # ----------------------------------------------------------------------------------------
-class FeatureMapBackbone(nn.Module):
-    """timm-style view (``forward_features`` / ``forward_head``) of a ``features_only`` backbone.
-
-    Lets :class:`ev_core.ssl.ContrastiveEncoder` expose the feature map ``[B, C, H, W]`` of the
-    very backbone :class:`~ev_reid.models.ReidModel` uses, so that its weights (``body.*``)
-    transfer to fine-tuning unchanged.
-
-    Args:
-        body: a backbone from :func:`~ev_reid.models.create_backbone`.
-        channels: its output channels ``C``.
-    """
-
-    def __init__(self, body: nn.Module, channels: int) -> None:
-        super().__init__()
-        self.body = body
-        self.num_features = channels
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, 3, H, W]`` → ``[B, C, h, w]``."""
-        out: torch.Tensor = self.body(x)[-1]
-        return out
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
-        """Global average pooling ``[B, C, h, w]`` → ``[B, C]`` (there are no logits)."""
-        return x.mean(dim=(2, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [B, 3, H, W]`` → pooled ``[B, C]``."""
-        return self.forward_head(self.forward_features(x))
-
-
-class StripeProjection(nn.Module):
-    """Extra head: average-pool ``num_stripes`` horizontal stripes and project each to ``D``.
-
-    One MLP (:class:`ev_core.ssl.ProjectionHead`) is shared by all stripes.
-
-    Args:
-        channels: feature-map channels ``C``.
-        num_stripes: S.
-        hidden_dim: MLP hidden width.
-        out_dim: embedding dimension ``D`` (UP-ReID: 128).
-    """
-
-    def __init__(
-        self, channels: int, num_stripes: int = 3, hidden_dim: int = 2048, out_dim: int = 128
-    ) -> None:
-        super().__init__()
-        if num_stripes < 1:
-            raise ValueError(f"num_stripes must be >= 1, got {num_stripes}")
-        self.num_stripes = num_stripes
-        self.head = ProjectionHead(channels, hidden_dim, out_dim)
-
-    def forward(self, output: EncoderOutput) -> torch.Tensor:
-        """``output.feature_map [B, C, H, W]`` → stripe embeddings ``[B, S, D]``."""
-        fmap = output.feature_map
-        if fmap is None or fmap.ndim != 4:
-            raise ValueError("StripeProjection needs a [B, C, H, W] feature map")
-        stripes = stripe_pool(fmap, self.num_stripes)  # [B, S, C]
-        b, s, c = stripes.shape
-        out: torch.Tensor = self.head(stripes.reshape(b * s, c))
-        return out.reshape(b, s, -1)
-
-
 def build_upreid_encoder(
     backbone: str,
     *,
@@ -346,6 +148,8 @@ class UPReIDConfig:
         local_term: use the intrinsic local stripe contrast (ablation switch).
         local_weight: its weight (UP-ReID: 0.5).
         local_temperature: its τ (UP-ReID: 0.2).
+        local_negatives: ``"batch"`` (every other stripe of the batch) or ``"image"`` (only
+            the same image's other stripes), see :mod:`ev_reid.losses.upreid`.
         views: the view augmentation (size, stripe-safe crop scale, number of stripes S).
         ssl: the contrastive core's settings (method, instance loss ``infonce``/``macl``,
             τ, queue, momentum, optimizer, epochs, AMP, resume ...). ``ssl.out_dir`` is set
@@ -370,6 +174,7 @@ class UPReIDConfig:
     local_term: bool = True
     local_weight: float = 0.5
     local_temperature: float = 0.2
+    local_negatives: LocalNegatives = "batch"
     views: PretrainViewConfig = field(default_factory=PretrainViewConfig)
     ssl: PretrainConfig = field(default_factory=default_upreid_ssl_config)
     batch_size: int = 256
@@ -388,6 +193,12 @@ class UPReIDConfig:
         for name in ("global_weight", "local_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.local_negatives not in ("batch", "image"):
+            raise ValueError(
+                f"local_negatives must be 'batch' or 'image', got {self.local_negatives!r}"
+            )
+        if self.local_negatives == "image" and self.views.num_stripes < 2:
+            raise ValueError("local_negatives='image' needs views.num_stripes >= 2")
         if not self.local_temperature > 0:
             raise ValueError(f"local_temperature must be > 0, got {self.local_temperature}")
 
@@ -454,6 +265,7 @@ def _loss_terms(cfg: UPReIDConfig) -> list[LossTermSpec]:
             temperature=cfg.local_temperature,
             macl_alpha=cfg.ssl.macl_alpha,
             macl_a0=cfg.ssl.macl_a0,
+            negatives=cfg.local_negatives,
         )
         terms.append(LossTermSpec("local", local, cfg.local_weight))
     return terms

@@ -5,6 +5,9 @@ dimension), and every group gets an affine 8-bit code::
 
     step = α / levels                       # α: running range estimate of the group
     q    = clamp(floor((x − β) / step + u), 0, levels),  u ~ U(0, 1)   (stochastic rounding)
+
+(on the torch path ``u`` takes the 256 values ``(k + ½)/256`` of one random byte, so rounding
+is unbiased to within 1/512 of a step; the Triton kernel draws a float ``u``)
     x̂    = q · step + β                     # β: running minimum estimate of the group
 
 ``levels = 2**bits − 1`` (255 for 8 bits). Stochastic rounding makes ``x̂`` an unbiased estimate
@@ -150,10 +153,37 @@ def _as_groups(x: Tensor, layout: GroupLayout) -> Tensor:
 
 
 def _batch_range(xg: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-group ``(range, min)`` of a ``[pre, G, rest]`` tensor, in float32."""
-    mn = xg.amin(dim=(0, 2)).float()
-    mx = xg.amax(dim=(0, 2)).float()
+    """Per-group ``(range, min)`` of a ``[pre, G, rest]`` tensor, in float32.
+
+    One pass over each group: a whole-tensor ``aminmax`` (min and max together) per group is
+    far faster on the CPU than reductions over chosen dimensions (measured 15-20× on
+    ``[B·N, 8, C/8]``); with many groups the dimension reductions are used.
+    """
+    if xg.numel() == 0:
+        empty = torch.zeros(xg.shape[1], dtype=torch.float32, device=xg.device)
+        return empty, empty.clone()
+    if _triton_ok(xg):
+        from ev_compress.mesa import _triton
+
+        mn, mx = _triton.group_minmax(xg.contiguous())
+        return mx - mn, mn
+    if xg.shape[1] <= 16:
+        pairs = [torch.aminmax(xg[:, g]) for g in range(xg.shape[1])]
+        mn = torch.stack([p[0] for p in pairs]).float()
+        mx = torch.stack([p[1] for p in pairs]).float()
+    else:
+        mn = xg.amin(dim=(0, 2)).float()
+        mx = xg.amax(dim=(0, 2)).float()
     return mx - mn, mn
+
+
+def _noise_bytes(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """Uniform random bytes of ``shape`` (one 32-bit draw gives four)."""
+    n = math.prod(shape)
+    words = torch.randint(
+        -(2**31), 2**31 - 1, ((n + 3) // 4,), dtype=torch.int32, device=device, generator=generator
+    )
+    return words.view(torch.uint8)[:n].view(shape)
 
 
 @torch.no_grad()
@@ -249,18 +279,19 @@ def quantize(
         rng, mn = running_range.float(), running_min.float()
     step = rng.clamp_min(_TINY) / levels
     minimum = mn.clone()
+    inv = 1.0 / step
+    off = -minimum * inv
     if _triton_ok(x):
         from ev_compress.mesa import _triton
 
-        data = _triton.quantize(xg.contiguous(), step, minimum, levels, stochastic, generator)
-    else:
-        v = (xg.float() - minimum[None, :, None]) / step[None, :, None]
-        if stochastic:
-            v += torch.rand(v.shape, device=v.device, generator=generator)
-            v.floor_()
+        data = _triton.quantize(xg.contiguous(), inv, off, levels, stochastic, generator)
+    else:  # (x − β)/step + u as one multiply-add, then clamp and truncate to uint8
+        v = torch.addcmul(off[None, :, None], xg, inv[None, :, None])
+        if stochastic:  # u = (byte + ½)/256: stochastic rounding at 1/256 resolution
+            v.add_(_noise_bytes(v.shape, v.device, generator), alpha=1.0 / 256).add_(0.5 / 256)
         else:
-            v.add_(0.5).floor_()
-        data = v.clamp_(0.0, levels).to(torch.uint8)
+            v.add_(0.5)
+        data = v.clamp_(0.0, levels).to(torch.uint8)  # v ≥ 0 here: truncation = floor
     return QTensor(data=data, step=step, minimum=minimum, shape=x.shape, dtype=x.dtype)
 
 
@@ -271,7 +302,7 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> Tensor:
         from ev_compress.mesa import _triton
 
         return _triton.dequantize(q.data, q.step, q.minimum, out_dtype).reshape(q.shape)
-    x = torch.addcmul(q.minimum[None, :, None], q.data.float(), q.step[None, :, None])
+    x = q.data.to(torch.float32).mul_(q.step[None, :, None]).add_(q.minimum[None, :, None])
     return x.to(out_dtype).reshape(q.shape)
 
 

@@ -4,10 +4,11 @@ from ev_core.layers.attention import (
     AttentionBackendError,
     MultiHeadSelfAttention,
     attend,
+    attention,
     attention_backend,
     backend_support,
     set_attention_backend,
-    set_fused_attention,
+    settle_backend,
 )
 from ev_core.layers.dtm import DeformableTokenMerging, deform_merge_2x2
 from ev_core.layers.embed import LITBlock, PatchEmbed
@@ -30,12 +31,13 @@ __all__ = [
     "SpatialReductionAttention",
     "WindowAttention",
     "attend",
+    "attention",
     "attention_backend",
     "backend_support",
     "deform_merge_2x2",
     "hilo_macs",
     "set_attention_backend",
-    "set_fused_attention",
+    "settle_backend",
     "window_partition",
     "window_reverse",
 ]

@@ -25,13 +25,12 @@ Every backend states, for given inputs, *why* it cannot run
 guards, no graph break). An explicitly named backend that cannot run raises
 :class:`AttentionBackendError`, whose message lists the reasons of *every* backend.
 
-The older boolean switch still works: ``fused=True`` is ``backend="sdpa"``, ``fused=False`` is
-``backend="math"`` and ``fused=None`` (with ``backend=None``) uses the module-wide default
-(:func:`set_attention_backend`, :func:`set_fused_attention`, or ``EV_FUSED_ATTN=0`` at import
-for ``"math"``).
+Modules settle their backend once, at construction (:func:`settle_backend`): ``None`` takes
+the module-wide default (:func:`set_attention_backend`, or ``EV_ATTN_BACKEND`` at import) and
+``"auto"`` becomes ``"sdpa"``; their forward then calls :func:`attention`, which runs
+``"sdpa"``/``"math"`` directly (no per-call dispatch; TorchScript- and FX-friendly) and checks a
+pinned kernel's requirements before running it.
 """
-
-from __future__ import annotations
 
 import contextlib
 import os
@@ -40,8 +39,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ev_core.layers.onednn import fusable, linear_act
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -52,15 +54,16 @@ __all__ = [
     "MultiHeadSelfAttention",
     "SDPABackend",
     "attend",
+    "attention",
     "attention_backend",
     "backend_support",
     "check_tokens",
     "get_attention_backend",
+    "math_attention",
     "resolve_backend",
     "select_backend",
     "set_attention_backend",
-    "set_fused_attention",
-    "use_fused_attention",
+    "settle_backend",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -127,6 +130,32 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout_p: f
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def math_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Explicit ``softmax(q·kᵀ·scale + bias)·v`` (the ``"math"`` backend; any device/dtype).
+
+    A bool ``bias`` is a mask (``True`` = attend). A float32 bias with lower-precision ``q``
+    makes the softmax run in float32; the weights are cast back to ``v``'s dtype.
+    """
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    attn = (q * s) @ k.transpose(-2, -1)
+    if bias is not None:
+        if bias.dtype == torch.bool:
+            attn = attn.masked_fill(~bias, float("-inf"))
+        else:
+            attn = attn + bias
+    attn = attn.softmax(dim=-1).to(v.dtype)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p)
+    return attn @ v
+
+
 class AttentionBackend:
     """One way to compute attention; subclasses state when they cannot run.
 
@@ -185,17 +214,7 @@ class MathBackend(AttentionBackend):
         scale: float | None,
         dropout_p: float,
     ) -> Tensor:
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        attn = (q * scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            if bias.dtype == torch.bool:
-                attn = attn.masked_fill(~bias, float("-inf"))
-            else:
-                attn = attn + bias
-        attn = attn.softmax(dim=-1).to(v.dtype)
-        if dropout_p > 0.0:
-            attn = F.dropout(attn, p=dropout_p)
-        return attn @ v
+        return math_attention(q, k, v, bias, scale, dropout_p)
 
 
 def _torch_cuda_reasons(
@@ -348,11 +367,7 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
 #: Order in which ``backend="auto"`` tries backends.
 AUTO_PRIORITY: tuple[str, ...] = ("sdpa", "math")
 
-_DEFAULT_BACKEND = (
-    "auto"
-    if os.environ.get("EV_FUSED_ATTN", "1").strip().lower() not in {"0", "false", "no"}
-    else "math"
-)
+_DEFAULT_BACKEND = os.environ.get("EV_ATTN_BACKEND", "auto").strip() or "auto"
 
 
 def _check_name(name: str) -> str:
@@ -363,14 +378,14 @@ def _check_name(name: str) -> str:
 
 
 def set_attention_backend(name: str) -> None:
-    """Set the backend used by every ``fused=None, backend=None`` call (default ``"auto"``)."""
+    """Set the default backend of modules built afterwards and of ``attend(backend=None)``."""
     global _DEFAULT_BACKEND
     _DEFAULT_BACKEND = _check_name(name)
 
 
 def get_attention_backend() -> str:
     """The module-wide default backend name."""
-    return _DEFAULT_BACKEND
+    return _check_name(_DEFAULT_BACKEND)
 
 
 @contextlib.contextmanager
@@ -384,29 +399,26 @@ def attention_backend(name: str) -> Iterator[None]:
         set_attention_backend(previous)
 
 
-def set_fused_attention(enabled: bool) -> None:
-    """``True``: default backend ``"auto"`` (SDPA); ``False``: ``"math"``."""
-    set_attention_backend("auto" if enabled else "math")
-
-
-def resolve_backend(fused: bool | None = None, backend: str | None = None) -> str:
-    """Resolve per-call/per-module settings to a backend name (``"auto"`` or a registry name).
+def resolve_backend(backend: str | None = None) -> str:
+    """A per-call setting as a backend name: ``None`` → the module-wide default.
 
     Raises:
-        ValueError: both ``fused`` and ``backend`` given, or an unknown name.
+        ValueError: an unknown name.
     """
-    if backend is not None:
-        if fused is not None:
-            raise ValueError("pass either fused= or backend=, not both")
-        return _check_name(backend)
-    if fused is None:
-        return _DEFAULT_BACKEND
-    return "sdpa" if fused else "math"
+    return get_attention_backend() if backend is None else _check_name(backend)
 
 
-def use_fused_attention(fused: bool | None = None, backend: str | None = None) -> bool:
-    """Whether the resolved setting goes through SDPA (any backend except ``"math"``)."""
-    return resolve_backend(fused, backend) != "math"
+def settle_backend(backend: str | None = None) -> str:
+    """The concrete backend a module uses, decided once at construction.
+
+    ``None`` takes the module-wide default; ``"auto"`` becomes the first entry of
+    :data:`AUTO_PRIORITY` (``"sdpa"``, which runs every input); a registry name stays.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    name = resolve_backend(backend)
+    return AUTO_PRIORITY[0] if name == "auto" else name
 
 
 def backend_support(
@@ -475,10 +487,9 @@ def attend(
     bias: Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
-    fused: bool | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    """softmax(q·kᵀ·scale + bias)·v.
+    """softmax(q·kᵀ·scale + bias)·v, dispatched per call (inputs validated first).
 
     Args:
         q: ``[B, h, Nq, d]`` (any leading dims work with ``sdpa``/``math``).
@@ -489,22 +500,72 @@ def attend(
             bool mask (``True`` = attend). Every query row must keep at least one key.
         scale: logit scale, default ``d ** -0.5``.
         dropout_p: attention dropout probability (pass 0 in eval).
-        fused: ``True`` = ``backend="sdpa"``, ``False`` = ``"math"``, ``None`` = default.
-        backend: ``"auto"`` or a name of :data:`ATTENTION_BACKENDS`; exclusive with ``fused``.
+        backend: ``"auto"``, a name of :data:`ATTENTION_BACKENDS`, or ``None`` (default).
 
     Returns:
         ``[B, h, Nq, dv]`` in ``q``'s dtype.
 
     Raises:
-        ValueError: inconsistent inputs (dtypes, devices, shapes, dropout), or conflicting
-            ``fused``/``backend``.
+        ValueError: inconsistent inputs (dtypes, devices, shapes, dropout) or an unknown name.
         AttentionBackendError: the requested backend cannot run these inputs.
     """
-    name = resolve_backend(fused, backend)
+    name = resolve_backend(backend)
     impl = select_backend(q, k, v, bias=bias, dropout_p=dropout_p, backend=name)
     return impl(q, k, v, bias, scale, dropout_p)
 
 
+@torch.jit.unused
+def _attention_pinned(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    scale: float | None,
+    dropout_p: float,
+    backend: str,
+) -> Tensor:
+    return select_backend(q, k, v, bias=bias, dropout_p=dropout_p, backend=backend)(
+        q, k, v, bias, scale, dropout_p
+    )
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    scale: float | None,
+    dropout_p: float,
+    backend: str,
+) -> Tensor:
+    """Attention with a backend already settled (:func:`settle_backend`): the modules' path.
+
+    ``"sdpa"`` and ``"math"`` run directly, without the per-call checks of :func:`attend`
+    (TorchScript, FX and ``torch.compile`` see plain tensor ops); a pinned SDPA kernel is checked
+    and run through :func:`select_backend` (eager only; scripted modules use ``"sdpa"``).
+
+    Args:
+        q, k, v, bias, scale, dropout_p: as in :func:`attend`.
+        backend: a concrete backend name (not ``"auto"``).
+
+    Returns:
+        ``[B, h, Nq, dv]``.
+    """
+    if backend == "math":
+        return math_attention(q, k, v, bias, scale, dropout_p)
+    if torch.jit.is_scripting():
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale
+        )
+    else:
+        if backend == "sdpa":
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale
+            )
+        return _attention_pinned(q, k, v, bias, scale, dropout_p, backend)
+
+
+@register_notrace_module  # token-shape checks: an FX leaf
 class MultiHeadSelfAttention(nn.Module):
     """Global multi-head self-attention (ViT / LIT-Ti), O(N²C).
 
@@ -517,8 +578,7 @@ class MultiHeadSelfAttention(nn.Module):
         qk_scale: logit scale override (default ``d ** -0.5``).
         attn_drop: attention dropout.
         proj_drop: output dropout.
-        fused: ``True`` SDPA, ``False`` explicit maths, ``None`` global default.
-        backend: attention backend name (see :func:`attend`); exclusive with ``fused``.
+        backend: attention backend (see :func:`settle_backend`), settled at construction.
     """
 
     def __init__(
@@ -529,18 +589,15 @@ class MultiHeadSelfAttention(nn.Module):
         qk_scale: float | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        fused: bool | None = None,
         backend: str | None = None,
     ) -> None:
         super().__init__()
         if num_heads <= 0 or dim % num_heads != 0:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        resolve_backend(fused, backend)  # fail early on a bad combination or name
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
-        self.fused = fused
-        self.backend = backend
+        self.scale: float = qk_scale if qk_scale is not None else self.head_dim**-0.5
+        self.backend: str = settle_backend(backend)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
@@ -552,33 +609,36 @@ class MultiHeadSelfAttention(nn.Module):
         """Args:
             x: ``[B, N, C]``.
             hw: ``(H, W)`` with ``H·W = N`` (only checked: global attention has no spatial
-                structure).
+                structure), or ``None`` for token sets without a map (e.g. with a cls token).
             bias: optional additive logits bias broadcastable to ``[B, h, N, N]``.
 
         Returns:
             ``[B, N, C]``.
         """
-        if hw is not None:
-            B, N, C, _, _ = check_tokens(x, hw)
-        elif x.dim() == 3:
-            B, N, C = x.shape
-        else:
-            raise ValueError(f"expected tokens [B, N, C], got shape {tuple(x.shape)}")
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if hw is not None and x.dim() == 3 and x.shape[1] != hw[0] * hw[1]:
+            raise ValueError(
+                f"token count N={x.shape[1]} does not match the map size H·W = {hw[0]}·{hw[1]}"
+            )
+        return self.forward_tokens(x, bias)
+
+    @torch.jit.unused
+    def _fusable(self, x: Tensor) -> bool:
+        return fusable(x, self.qkv, self.proj)
+
+    def forward_tokens(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Attention over the token set ``x: [B, N, C]`` with an optional logits bias."""
+        if x.dim() != 3:
+            raise ValueError(f"expected tokens [B, N, C], got shape {x.shape}")
+        B, N, C = x.shape[0], x.shape[1], x.shape[2]
+        fused = False if torch.jit.is_scripting() else self._fusable(x)
+        qkv = linear_act(x, self.qkv.weight, self.qkv.bias) if fused else self.qkv(x)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        out = attend(
-            q,
-            k,
-            v,
-            bias=bias,
-            scale=self.scale,
-            dropout_p=self.attn_drop if self.training else 0.0,
-            fused=self.fused,
-            backend=self.backend,
-        )
+        dropout_p = self.attn_drop if self.training else 0.0
+        out = attention(q, k, v, bias, self.scale, dropout_p, self.backend)
         out = out.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(out))
+        out = linear_act(out, self.proj.weight, self.proj.bias) if fused else self.proj(out)
+        return self.proj_drop(out)
 
     def extra_repr(self) -> str:
-        backend = resolve_backend(self.fused, self.backend)
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, backend={backend!r}"
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, backend={self.backend!r}"

@@ -6,7 +6,10 @@ channels (or any ``C_out``), batch-normalised and passed through GELU. The offse
 zero-initialised ``Conv2d(C, 8, k=2, s=2)``, so a fresh DTM is exactly patch merging
 (pixel-unshuffle + linear).
 
-Two interchangeable paths compute the deformable convolution:
+Two interchangeable paths compute the deformable convolution, and ``path="auto"`` (the model
+default) runs whichever is the fastest *correct* one for the device and compute dtype, measured
+once per process on the first eager call (:func:`measured_dtm_path`; traced, scripted and
+compiled code take the cached choice, else ``"fast"``):
 
 * ``"torchvision"`` -- the reference, :func:`torchvision.ops.deform_conv2d` (fp32/fp64/fp16; no
   bf16 CPU kernel; its autocast wrapper casts everything to fp32).
@@ -29,31 +32,36 @@ zero. Odd sizes are floored like ``deform_conv2d(k=2, s=2, p=0)``: ``Ho = ⌊H/2
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import time
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
+from torchvision.ops import deform_conv2d
 
 __all__ = [
+    "DTM_PATH_CACHE",
     "DTMPath",
     "DeformConv2x2",
     "DeformableTokenMerging",
     "deform_merge_2x2",
     "deform_merge_2x2_nhwc",
+    "measured_dtm_path",
 ]
 
-DTMPath = Literal["fast", "torchvision"]
-_PATHS = ("fast", "torchvision")
+DTMPath = Literal["auto", "fast", "torchvision"]
+_PATHS = ("auto", "fast", "torchvision")
 
-
-_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
+#: ``(device type, compute dtype, C_in, C_out)`` → the fastest correct path, measured once per
+#: process by :func:`measured_dtm_path` (cleared with ``DTM_PATH_CACHE.clear()``).
+DTM_PATH_CACHE: dict[tuple[str, torch.dtype, int, int], str] = {}
 
 
 def _corners(
     offset: Tensor, H: int, W: int
-) -> Iterator[tuple[int, int, Tensor, Tensor, Tensor, Tensor]]:
+) -> list[tuple[int, int, Tensor, Tensor, Tensor, Tensor]]:
     """Bilinear corners of the four 2×2 tap points of every output.
 
     Args:
@@ -61,7 +69,7 @@ def _corners(
         H: input height.
         W: input width.
 
-    Yields:
+    Returns:
         For the corners ``(dy, dx)`` in ``(0, 0), (0, 1), (1, 0), (1, 1)``: ``dy``, ``dx``,
         ``idx`` (``[B, Ho, Wo, 4]`` rows of the ``[B·H·W, C]`` input, clamped into the map),
         ``wy``, ``wx`` (the bilinear factors, ``[B, Ho, Wo, 4]``, coordinate dtype) and
@@ -88,16 +96,23 @@ def _corners(
     y0i = y0.long()
     x0i = x0.long()
     batch_base = (torch.arange(B, device=dev) * (H * W)).view(B, 1, 1, 1)
-    for dy, dx in _CORNERS:
+    out: list[tuple[int, int, Tensor, Tensor, Tensor, Tensor]] = []
+    for corner in range(4):
+        dy, dx = corner // 2, corner % 2  # (0, 0), (0, 1), (1, 0), (1, 1)
         yy = y0i + dy
         xx = x0i + dx
         valid = (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
         idx = yy.clamp(0, H - 1) * W + xx.clamp(0, W - 1) + batch_base
-        yield dy, dx, idx, (ly if dy else hy), (lx if dx else hx), valid
+        out.append((dy, dx, idx, ly if dy == 1 else hy, lx if dx == 1 else hx, valid))
+    return out
 
 
 def _bilinear_taps_nhwc(x: Tensor, offset: Tensor) -> Tensor:
     """Bilinear samples of the four 2×2 taps of every output (differentiable by autograd).
+
+    One ``embedding_bag`` (sum mode, per-sample weights) gathers the four corners of every tap
+    from the channels-last rows of ``x`` and weights and sums them in a single pass: no
+    corner-sized intermediate tensors (out-of-map corners get weight 0 at a clamped row).
 
     Args:
         x: ``[B, H, W, C]`` input map (any floating dtype).
@@ -106,15 +121,12 @@ def _bilinear_taps_nhwc(x: Tensor, offset: Tensor) -> Tensor:
     Returns:
         ``[B, Ho, Wo, 4·C]``, tap-major (column ``k·C + c``), in ``x``'s dtype.
     """
-    B, H, W, C = x.shape
+    B, H, W, C = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
     Ho, Wo = offset.shape[1], offset.shape[2]
-    flat = x.reshape(B * H * W, C)
-    out: Tensor | None = None
-    for _, _, idx, wy, wx, valid in _corners(offset, H, W):
-        vals = flat.index_select(0, idx.reshape(-1)).view(B, Ho, Wo, 4, C)
-        term = vals * (wy * wx * valid).to(x.dtype).unsqueeze(-1)
-        out = term if out is None else out + term
-    assert out is not None
+    corners = _corners(offset, H, W)
+    idx = torch.stack([c[2] for c in corners], dim=-1).reshape(-1, 4)
+    wts = torch.stack([c[3] * c[4] * c[5] for c in corners], dim=-1).to(x.dtype).reshape(-1, 4)
+    out = F.embedding_bag(idx, x.reshape(B * H * W, C), per_sample_weights=wts, mode="sum")
     return out.reshape(B, Ho, Wo, 4 * C)
 
 
@@ -159,7 +171,6 @@ class _DeformMerge2x2(torch.autograd.Function):
         # x's gradient is accumulated in at least fp32 (it sums up to 16 contributions / pixel)
         acc_dtype = torch.promote_types(x.dtype, torch.float32)
         grad_flat = x.new_zeros(B * H * W, C, dtype=acc_dtype) if need_x else None
-        cols: Tensor | None = None
         grad_py: Tensor | int = 0
         grad_px: Tensor | int = 0
         for dy, dx, idx, wy, wx, valid in _corners(offset, H, W):
@@ -167,19 +178,16 @@ class _DeformMerge2x2(torch.autograd.Function):
             rows = idx.reshape(-1)
             if grad_flat is not None and grad_cols is not None:
                 grad_flat.index_add_(0, rows, (grad_cols * wk).reshape(-1, C).to(acc_dtype))
-            if not (need_w or need_off):
-                continue
-            vals = flat.index_select(0, rows).view(B, Ho, Wo, 4, C)
-            if need_w:  # rebuild the tap matrix (to rounding: fused multiply-add here)
-                cols = vals * wk if cols is None else cols.addcmul_(vals, wk)
             if need_off and grad_cols is not None:
+                vals = flat.index_select(0, rows).view(B, Ho, Wo, 4, C)
                 # d(sample)/d(py) = Σ_corners x·(±1)·wx·valid (sign: + for the lower row)
                 dot = (grad_cols * vals).sum(-1).to(wy.dtype) * valid
                 grad_py = grad_py + (dot * wx if dy else -dot * wx)
                 grad_px = grad_px + (dot * wy if dx else -dot * wy)
         grad_x = grad_flat.to(x.dtype).view(B, H, W, C) if grad_flat is not None else None
         grad_w = None
-        if need_w and cols is not None:
+        if need_w:  # rebuild the tap matrix exactly as the forward did
+            cols = _bilinear_taps_nhwc(x, offset)
             gw = g.t() @ cols.reshape(-1, 4 * C).to(g.dtype)  # [C_out, 4C], column k·C + c
             grad_w = gw.view(C_out, 2, 2, C).permute(0, 3, 1, 2).to(weight.dtype)
         grad_off = None
@@ -194,7 +202,6 @@ def deform_merge_2x2_nhwc(
     offset: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
-    *,
     recompute: bool = True,
 ) -> Tensor:
     """Fast 2×2 stride-2 deformable convolution on channels-last maps.
@@ -214,15 +221,15 @@ def deform_merge_2x2_nhwc(
     Returns:
         ``[B, Ho, Wo, C_out]``.
     """
-    B, H, W, C = x.shape
+    B, H, W, C = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
     Ho, Wo = H // 2, W // 2
-    if weight.shape[1:] != (C, 2, 2):
-        raise ValueError(f"weight must be [C_out, {C}, 2, 2], got {tuple(weight.shape)}")
-    if offset.shape != (B, Ho, Wo, 8):
-        raise ValueError(f"offset must be [{B}, {Ho}, {Wo}, 8] for x {tuple(x.shape)}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
-    if recompute:
+    if list(weight.shape[1:]) != [C, 2, 2]:
+        raise ValueError(f"weight must be [C_out, {C}, 2, 2], got {weight.shape}")
+    if list(offset.shape) != [B, Ho, Wo, 8]:
+        raise ValueError(f"offset must be [{B}, {Ho}, {Wo}, 8] for x {x.shape}, got {offset.shape}")
+    if bias is not None and list(bias.shape) != [weight.shape[0]]:
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {bias.shape}")
+    if recompute and not torch.jit.is_scripting():
         out: Tensor = _DeformMerge2x2.apply(x, offset, weight, bias)
         return out
     return F.linear(_bilinear_taps_nhwc(x, offset), _tap_major(weight), bias)
@@ -262,6 +269,50 @@ def deform_merge_2x2(
     return out.permute(0, 3, 1, 2)
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+@torch.jit.unused
+def measured_dtm_path(conv: DeformConv2x2, x: Tensor, offset: Tensor, repeats: int = 3) -> str:
+    """The fastest correct path of ``conv`` for ``x``'s device and compute dtype.
+
+    Measured on the first eager call for a ``(device, dtype, C_in, C_out)`` key (best of
+    ``repeats`` timed runs of each path after one warm-up, no autograd) and cached in
+    :data:`DTM_PATH_CACHE`; a path that raises (e.g. torchvision without a kernel for the
+    dtype) is not a candidate. Under ``torch.compile`` or FX tracing an uncached key gives
+    ``"fast"`` (nothing is timed while tracing).
+    """
+    key = (x.device.type, _compute_dtype(x), conv.in_channels, conv.out_channels)
+    hit = DTM_PATH_CACHE.get(key)
+    if hit is not None:
+        return hit
+    if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return "fast"
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    times: dict[str, float] = {}
+    with torch.no_grad():
+        for path in ("fast", "torchvision"):
+            try:
+                conv.run_path(path, x, offset)
+            except (RuntimeError, NotImplementedError):
+                continue
+            best = float("inf")
+            for _ in range(repeats):
+                sync()
+                t0 = time.perf_counter()
+                conv.run_path(path, x, offset)
+                sync()
+                best = min(best, time.perf_counter() - t0)
+            times[path] = best
+    choice = min(times, key=times.__getitem__) if times else "fast"
+    DTM_PATH_CACHE[key] = choice
+    return choice
+
+
 class DeformConv2x2(nn.Module):
     """2×2 stride-2 deformable convolution with its own zero-initialised offset predictor.
 
@@ -271,7 +322,8 @@ class DeformConv2x2(nn.Module):
     Args:
         in_channels: input channels ``C``.
         out_channels: output channels ``C_out``.
-        path: ``"fast"`` (:func:`deform_merge_2x2`) or ``"torchvision"`` (reference).
+        path: ``"auto"`` (the measured fastest correct path, :func:`measured_dtm_path`),
+            ``"fast"`` (:func:`deform_merge_2x2`) or ``"torchvision"`` (reference).
         recompute: fast path only: recompute the bilinear gathers in the backward (default,
             saves only the input, offsets and weight) or keep them (plain autograd, ~5
             input-sized tensors more, no re-gather).
@@ -281,7 +333,7 @@ class DeformConv2x2(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        path: DTMPath = "fast",
+        path: str = "auto",
         *,
         recompute: bool = True,
     ) -> None:
@@ -290,7 +342,7 @@ class DeformConv2x2(nn.Module):
             raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.path: DTMPath = path
+        self.path: str = path
         self.recompute = recompute
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 2, 2))
         self.bias = nn.Parameter(torch.empty(out_channels))
@@ -306,6 +358,26 @@ class DeformConv2x2(nn.Module):
         if self.conv_offset.bias is not None:
             nn.init.zeros_(self.conv_offset.bias)
 
+    def run_path(self, path: str, x: Tensor, offset: Tensor) -> Tensor:
+        """The deformable conv by ``path`` (``"fast"``/``"torchvision"``).
+
+        Args:
+            x: ``[B, H, W, C]``.
+            offset: ``[B, 8, Ho, Wo]`` (the offset conv's output).
+
+        Returns:
+            ``[B, Ho, Wo, C_out]``.
+        """
+        if path == "fast":
+            return deform_merge_2x2_nhwc(
+                x, offset.permute(0, 2, 3, 1), self.weight, self.bias, recompute=self.recompute
+            )
+        out = deform_conv2d(
+            x.permute(0, 3, 1, 2).contiguous(), offset.contiguous(), self.weight, self.bias,
+            stride=(2, 2),
+        )  # fmt: skip
+        return out.permute(0, 2, 3, 1)
+
     def forward(self, x: Tensor) -> Tensor:
         """Args:
             x: ``[B, H, W, C]`` channels-last map.
@@ -313,23 +385,20 @@ class DeformConv2x2(nn.Module):
         Returns:
             ``[B, ⌊H/2⌋, ⌊W/2⌋, C_out]``.
         """
-        x_nchw = x.permute(0, 3, 1, 2)  # a channels-last view, no copy
-        offset = self.conv_offset(x_nchw)
-        if self.path == "fast":
-            return deform_merge_2x2_nhwc(
-                x, offset.permute(0, 2, 3, 1), self.weight, self.bias, recompute=self.recompute
-            )
-        from torchvision.ops import deform_conv2d
-
-        out = deform_conv2d(
-            x_nchw.contiguous(), offset.contiguous(), self.weight, self.bias, stride=2
-        )
-        return out.permute(0, 2, 3, 1)
+        offset = self.conv_offset(x.permute(0, 3, 1, 2))  # a channels-last view, no copy
+        path = self.path
+        if torch.jit.is_scripting():
+            path = "fast" if path == "auto" else path
+        else:
+            if path == "auto":
+                path = measured_dtm_path(self, x, offset)
+        return self.run_path(path, x, offset)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size=2, stride=2, path={self.path}"
 
 
+@register_notrace_module  # shape checks: an FX leaf
 class DeformableTokenMerging(nn.Module):
     """DTM: deformable 2×2/s2 conv → BatchNorm2d → GELU, on tokens.
 
@@ -339,26 +408,28 @@ class DeformableTokenMerging(nn.Module):
     Args:
         dim: input channels ``C``.
         out_dim: output channels (``2C`` between LIT/LITv2 stages).
-        path: ``"fast"`` (default) or ``"torchvision"`` reference.
+        path: ``"auto"`` (default: measured fastest), ``"fast"`` or ``"torchvision"`` reference.
         recompute: fast path: recomputing backward (default) or plain autograd, see
             :class:`DeformConv2x2`.
     """
 
     def __init__(
-        self, dim: int, out_dim: int, path: DTMPath = "fast", *, recompute: bool = True
+        self, dim: int, out_dim: int, path: str = "auto", *, recompute: bool = True
     ) -> None:
         super().__init__()
         self.dconv = DeformConv2x2(dim, out_dim, path=path, recompute=recompute)
         self.norm_layer = nn.BatchNorm2d(out_dim)
         self.act = nn.GELU()
 
+    __jit_unused_properties__ = ["path"]  # noqa: RUF012 (TorchScript reads this list)
+
     @property
-    def path(self) -> DTMPath:
+    def path(self) -> str:
         """The deformable-conv path in use."""
         return self.dconv.path
 
     @path.setter
-    def path(self, value: DTMPath) -> None:
+    def path(self, value: str) -> None:
         if value not in _PATHS:
             raise ValueError(f"path must be one of {_PATHS}, got {value!r}")
         self.dconv.path = value
@@ -371,8 +442,8 @@ class DeformableTokenMerging(nn.Module):
         Returns:
             ``([B, ⌊H/2⌋·⌊W/2⌋, C_out], (⌊H/2⌋, ⌊W/2⌋))``.
         """
-        B, N, C = x.shape
-        H, W = hw
+        B, N, C = x.shape[0], x.shape[1], x.shape[2]
+        H, W = hw[0], hw[1]
         if N != H * W:
             raise ValueError(f"got {N} tokens for a {H}x{W} map")
         if H < 2 or W < 2:

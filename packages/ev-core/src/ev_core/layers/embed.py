@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_module
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["LITBlock", "PatchEmbed"]
 
 
+@register_notrace_module  # input-size checks and padding: an FX leaf
 class PatchEmbed(nn.Module):
     """Image → patch tokens: ``proj`` (Conv2d, kernel = stride = ``patch_size``) and ``norm``.
 
@@ -27,6 +30,8 @@ class PatchEmbed(nn.Module):
         embed_dim: token channels.
         norm_layer: normalisation on the tokens (``None`` for none).
         pad: zero-pad images whose sides are not multiples of ``p`` (else raise).
+        img_size: the only image size accepted (resolution-locked models), or ``None``.
+        model: the model's name for the error message of a locked size.
     """
 
     def __init__(
@@ -36,10 +41,14 @@ class PatchEmbed(nn.Module):
         embed_dim: int = 96,
         norm_layer: Callable[[int], nn.Module] | None = nn.LayerNorm,
         pad: bool = False,
+        img_size: tuple[int, int] | None = None,
+        model: str = "this model",
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.pad = pad
+        self.locked_size: tuple[int, int] = img_size if img_size is not None else (0, 0)
+        self.model = model
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = norm_layer(embed_dim) if norm_layer is not None else nn.Identity()
 
@@ -51,15 +60,21 @@ class PatchEmbed(nn.Module):
             ``([B, (H/p)·(W/p), C], (H/p, W/p))`` (sides rounded up when padding).
         """
         if x.dim() != 4:
-            raise ValueError(f"expected images [B, C, H, W], got shape {tuple(x.shape)}")
+            raise ValueError(f"expected images [B, C, H, W], got shape {x.shape}")
         p = self.patch_size
-        H, W = x.shape[-2:]
-        if H % p or W % p:
+        H, W = x.shape[-2], x.shape[-1]
+        locked = self.locked_size
+        if locked[0] > 0 and (locked[0] != H or locked[1] != W):
+            raise ValueError(
+                f"{self.model} is resolution-locked: built for {locked[0]}x{locked[1]}, got "
+                f"{H}x{W} images (create the model with img_size=...)"
+            )
+        if H % p != 0 or W % p != 0:
             if not self.pad:
                 raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}")
-            x = F.pad(x, (0, (-W) % p, 0, (-H) % p))
+            x = F.pad(x, [0, (-W) % p, 0, (-H) % p])
         x = self.proj(x)
-        B, C, h, w = x.shape
+        B, C, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         x = x.permute(0, 2, 3, 1).reshape(B, h * w, C)  # free for channels-last inputs
         return self.norm(x), (h, w)
 
@@ -85,13 +100,25 @@ class LITBlock(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        self.norm1 = norm_layer(dim) if attn is not None else None
+        self.norm1: nn.Module = norm_layer(dim) if attn is not None else nn.Identity()
         self.attn = attn
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = mlp
+        self.grad_checkpointing = False
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None) -> Tensor:
+        """The block; with ``grad_checkpointing`` (training with gradients, eager) its
+        activations are recomputed in the backward pass instead of being kept."""
+        if torch.jit.is_scripting():
+            return self.forward_block(x, hw)
+        else:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                out: Tensor = checkpoint(self.forward_block, x, hw, use_reentrant=False)
+                return out
+            return self.forward_block(x, hw)
+
+    def forward_block(self, x: Tensor, hw: tuple[int, int] | None) -> Tensor:
         """Args:
             x: ``[B, N, C]``.
             hw: ``(H, W)`` of the token map (``None`` for token sets without one, e.g. with a
@@ -100,6 +127,6 @@ class LITBlock(nn.Module):
         Returns:
             ``[B, N, C]``.
         """
-        if self.attn is not None and self.norm1 is not None:
+        if self.attn is not None:
             x = x + self.drop_path(self.attn(self.norm1(x), hw))
         return x + self.drop_path(self.mlp(self.norm2(x), hw))

@@ -15,17 +15,17 @@ The ``h`` heads are split: ``h_lo = int(h·alpha)`` Lo-Fi heads and ``h_hi = h �
   detection/segmentation backbone): the pad tokens are keys/values of their Hi-Fi windows and
   their zeros enter the Lo-Fi average pool; outputs are cropped back.
 
-Both branches attend through :func:`ev_core.layers.attention.attend` (SDPA when ``fused``,
-explicit maths otherwise).
+Both branches attend through :func:`ev_core.layers.attention.attention` with the backend
+settled at construction (``backend=``; SDPA by default).
 """
-
-from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
-from ev_core.layers.attention import attend
+from ev_core.layers.attention import attention, settle_backend
+from ev_core.layers.onednn import fusable, linear_act
 
 __all__ = ["HiLo", "hilo_macs"]
 
@@ -83,8 +83,12 @@ def hilo_macs(
     return hifi + lofi
 
 
+@register_notrace_module  # shape checks and padding: an FX leaf
 class HiLo(nn.Module):
     """HiLo attention; ``forward(x: [B, N, C], hw) -> [B, N, C]``.
+
+    (The branch calls carry ``type: ignore``: TorchScript cannot narrow optional submodules
+    with asserts; the ``is None`` checks in :meth:`forward` guard them.)
 
     Parameter names match the official checkpoints: ``h_qkv``, ``h_proj`` (only when there are
     Hi-Fi heads), ``l_q``, ``l_kv``, ``l_proj`` (only when there are Lo-Fi heads).
@@ -99,7 +103,8 @@ class HiLo(nn.Module):
         proj_drop: unused by the official layer as well (kept for signature compatibility).
         window_size: Hi-Fi window / Lo-Fi pooling size ``s``; 1 = plain MSA.
         alpha: fraction of Lo-Fi heads (``h_lo = int(h·alpha)``).
-        fused: ``True`` SDPA, ``False`` explicit maths, ``None`` global default.
+        backend: attention backend (:func:`~ev_core.layers.attention.settle_backend`), settled
+            at construction.
     """
 
     def __init__(
@@ -112,7 +117,7 @@ class HiLo(nn.Module):
         proj_drop: float = 0.0,
         window_size: int = 2,
         alpha: float = 0.5,
-        fused: bool | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -123,8 +128,14 @@ class HiLo(nn.Module):
         self.h_dim = self.h_heads * self.head_dim
         self.ws = window_size
         self.alpha = alpha
-        self.scale = qk_scale if qk_scale else self.head_dim**-0.5
-        self.fused = fused
+        self.scale: float = qk_scale if qk_scale else self.head_dim**-0.5
+        self.backend: str = settle_backend(backend)
+        # absent branches are None (not in the state dict; TorchScript prunes their code)
+        self.l_q: nn.Linear | None = None
+        self.l_kv: nn.Linear | None = None
+        self.l_proj: nn.Linear | None = None
+        self.h_qkv: nn.Linear | None = None
+        self.h_proj: nn.Linear | None = None
         if self.l_heads > 0:
             self.l_q = nn.Linear(dim, self.l_dim, bias=qkv_bias)
             self.l_kv = nn.Linear(dim, 2 * self.l_dim, bias=qkv_bias)
@@ -133,53 +144,88 @@ class HiLo(nn.Module):
             self.h_qkv = nn.Linear(dim, 3 * self.h_dim, bias=qkv_bias)
             self.h_proj = nn.Linear(self.h_dim, self.h_dim)
 
-    def _hifi(self, x: Tensor) -> Tensor:
+    @torch.jit.unused
+    def _fusable(self, x: Tensor) -> bool:
+        linears = [self.l_q, self.l_kv, self.l_proj, self.h_qkv, self.h_proj]
+        return fusable(x, *[m for m in linears if m is not None])
+
+    def _hifi(self, x: Tensor, fused: bool) -> Tensor:
         """Window attention. ``x: [B, H, W, C]`` (sides divisible by ``s``) → ``[B, H, W, D_hi]``."""
-        B, H, W, _ = x.shape
+        B, H, W = x.shape[0], x.shape[1], x.shape[2]
         s, h, d = self.ws, self.h_heads, self.head_dim
         gh, gw = H // s, W // s
-        qkv = self.h_qkv(x)  # per-token projection first: 3·D_hi channels are permuted, not C
+        qkv = (
+            linear_act(x, self.h_qkv.weight, self.h_qkv.bias)  # type: ignore[union-attr]
+            if fused
+            else self.h_qkv(x)  # type: ignore[misc]
+        )  # per-token projection first: 3·D_hi channels are permuted, not C
         qkv = qkv.reshape(B, gh, s, gw, s, 3, h, d).permute(5, 0, 1, 3, 6, 2, 4, 7)
         qkv = qkv.reshape(3, B * gh * gw, h, s * s, d)
-        out = attend(qkv[0], qkv[1], qkv[2], scale=self.scale, fused=self.fused)
+        out = attention(qkv[0], qkv[1], qkv[2], None, self.scale, 0.0, self.backend)
         out = out.reshape(B, gh, gw, h, s, s, d).permute(0, 1, 4, 2, 5, 3, 6)
-        return self.h_proj(out.reshape(B, H, W, self.h_dim))
+        out = out.reshape(B, H, W, self.h_dim)
+        return (
+            linear_act(out, self.h_proj.weight, self.h_proj.bias)  # type: ignore[union-attr]
+            if fused
+            else self.h_proj(out)  # type: ignore[misc]
+        )
 
-    def _lofi(self, x: Tensor) -> Tensor:
+    def _lofi(self, x: Tensor, fused: bool) -> Tensor:
         """Attention to pooled tokens. ``x: [B, H, W, C]`` → ``[B, H, W, D_lo]``."""
-        B, H, W, C = x.shape
+        B, H, W = x.shape[0], x.shape[1], x.shape[2]
         s, h, d = self.ws, self.l_heads, self.head_dim
-        q = self.l_q(x).reshape(B, H * W, h, d).transpose(1, 2)
-        pooled = x if s == 1 else x.reshape(B, H // s, s, W // s, s, C).mean(dim=(2, 4))
-        kv = self.l_kv(pooled).reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4)
-        out = attend(q, kv[0], kv[1], scale=self.scale, fused=self.fused)
-        return self.l_proj(out.transpose(1, 2).reshape(B, H, W, self.l_dim))
+        q = (
+            linear_act(x, self.l_q.weight, self.l_q.bias)  # type: ignore[union-attr]
+            if fused
+            else self.l_q(x)  # type: ignore[misc]
+        )
+        q = q.reshape(B, H * W, h, d).transpose(1, 2)
+        pooled = x
+        if s > 1:  # s×s average pool on a channels-last view (no layout copy in or out)
+            pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), s).permute(0, 2, 3, 1)
+        kv = (
+            linear_act(pooled, self.l_kv.weight, self.l_kv.bias)  # type: ignore[union-attr]
+            if fused
+            else self.l_kv(pooled)  # type: ignore[misc]
+        )
+        kv = kv.reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4)
+        out = attention(q, kv[0], kv[1], None, self.scale, 0.0, self.backend)
+        out = out.transpose(1, 2).reshape(B, H, W, self.l_dim)
+        return (
+            linear_act(out, self.l_proj.weight, self.l_proj.bias)  # type: ignore[union-attr]
+            if fused
+            else self.l_proj(out)  # type: ignore[misc]
+        )
 
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, hw: tuple[int, int] | None) -> Tensor:
         """Args:
             x: ``[B, N, C]`` tokens of an ``H × W`` map (row-major).
-            hw: ``(H, W)``.
+            hw: ``(H, W)`` (required; ``Optional`` only for the uniform block interface).
 
         Returns:
             ``[B, N, C]``.
         """
-        B, N, C = x.shape
-        H, W = hw
+        if hw is None:
+            raise ValueError("HiLo needs the map size hw=(H, W)")
+        B, N, C = x.shape[0], x.shape[1], x.shape[2]
+        H, W = hw[0], hw[1]
         if N != H * W:
             raise ValueError(f"got {N} tokens for a {H}x{W} map")
         if self.dim != C:
             raise ValueError(f"expected {self.dim} channels, got {C}")
         x = x.reshape(B, H, W, C)
         pad_b, pad_r = (-H) % self.ws, (-W) % self.ws
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        if self.h_heads == 0:
-            out = self._lofi(x)
-        elif self.l_heads == 0:
-            out = self._hifi(x)
+        padded = pad_b > 0 or pad_r > 0
+        if padded:
+            x = F.pad(x, [0, 0, 0, pad_r, 0, pad_b])
+        fused = False if torch.jit.is_scripting() else self._fusable(x)
+        if self.h_qkv is None:
+            out = self._lofi(x, fused)
+        elif self.l_q is None:
+            out = self._hifi(x, fused)
         else:
-            out = torch.cat((self._hifi(x), self._lofi(x)), dim=-1)
-        if pad_b or pad_r:
+            out = torch.cat((self._hifi(x, fused), self._lofi(x, fused)), dim=-1)
+        if padded:
             out = out[:, :H, :W, :]
         return out.reshape(B, N, C)
 
@@ -190,5 +236,5 @@ class HiLo(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, heads={self.num_heads} (lo={self.l_heads}, hi={self.h_heads}), "
-            f"window_size={self.ws}, alpha={self.alpha}"
+            f"window_size={self.ws}, alpha={self.alpha}, backend={self.backend!r}"
         )

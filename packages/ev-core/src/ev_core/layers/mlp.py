@@ -4,15 +4,22 @@
 * :class:`ConvFFN` -- ``fc1 → depth-wise 3×3 conv → GELU → drop → fc2 → drop`` (LITv2); the
   depth-wise conv (zero padding, bias) runs on a channels-last view of the tokens (no copy in,
   one layout-preserving conv), and supplies the position information of LITv2.
+
+GELU is the exact (erf) one. In CPU inference the biases and GELU are fused into the GEMM /
+convolution (:mod:`ev_core.layers.onednn`); both modules are FX leaves so that traced and eager
+models run the same kernels.
 """
 
-from __future__ import annotations
-
+import torch
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
+
+from ev_core.layers.onednn import conv2d_act, fusable, linear_act
 
 __all__ = ["ConvFFN", "DWConv", "Mlp"]
 
 
+@register_notrace_module
 class Mlp(nn.Module):
     """Two-layer MLP (``fc1``, ``fc2``), official LIT names.
 
@@ -38,6 +45,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
 
+    @torch.jit.unused
+    def _fusable(self, x: Tensor) -> bool:
+        return fusable(x, self.fc1, self.act, self.fc2)
+
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         """Args:
             x: ``[B, N, C]``.
@@ -46,9 +57,13 @@ class Mlp(nn.Module):
         Returns:
             ``[B, N, C_out]``.
         """
+        if not torch.jit.is_scripting() and self._fusable(x):
+            x = self.drop(linear_act(x, self.fc1.weight, self.fc1.bias, "gelu"))
+            return self.drop(linear_act(x, self.fc2.weight, self.fc2.bias))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+@register_notrace_module  # token-count check: an FX leaf
 class DWConv(nn.Module):
     """Depth-wise 3×3 conv on tokens; the conv is ``dwconv`` (official name).
 
@@ -60,22 +75,28 @@ class DWConv(nn.Module):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=True)
 
-    def forward(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, hw: tuple[int, int], act: str = "none") -> Tensor:
         """Args:
             x: ``[B, H·W, C]``.
             hw: ``(H, W)``.
+            act: ``"none"`` or ``"gelu"`` applied to the conv output.
 
         Returns:
             ``[B, H·W, C]``.
         """
-        B, N, C = x.shape
-        H, W = hw
+        B, N, C = x.shape[0], x.shape[1], x.shape[2]
+        H, W = hw[0], hw[1]
         if N != H * W:
             raise ValueError(f"got {N} tokens for a {H}x{W} map")
-        y = self.dwconv(x.reshape(B, H, W, C).permute(0, 3, 1, 2))  # channels-last view
+        xc = x.reshape(B, H, W, C).permute(0, 3, 1, 2)  # channels-last view, no copy
+        if act == "none":
+            y = self.dwconv(xc)
+        else:
+            y = conv2d_act(xc, self.dwconv.weight, self.dwconv.bias, 1, C, act)
         return y.permute(0, 2, 3, 1).reshape(B, N, C)
 
 
+@register_notrace_module
 class ConvFFN(Mlp):
     """LITv2 feed-forward: ``fc1 → DWConv 3×3 → GELU → drop → fc2 → drop``.
 
@@ -99,6 +120,10 @@ class ConvFFN(Mlp):
         super().__init__(in_features, hidden_features, out_features, drop)
         self.dwconv = DWConv(self.fc1.out_features)
 
+    @torch.jit.unused
+    def _fusable(self, x: Tensor) -> bool:
+        return fusable(x, self.fc1, self.dwconv.dwconv, self.act, self.fc2)
+
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         """Args:
             x: ``[B, H·W, C]``.
@@ -109,5 +134,8 @@ class ConvFFN(Mlp):
         """
         if hw is None:
             raise ValueError("ConvFFN needs the map size hw=(H, W)")
+        if not torch.jit.is_scripting() and self._fusable(x):
+            x = self.dwconv(linear_act(x, self.fc1.weight, self.fc1.bias), hw, "gelu")
+            return self.drop(linear_act(self.drop(x), self.fc2.weight, self.fc2.bias))
         x = self.act(self.dwconv(self.fc1(x), hw))
         return self.drop(self.fc2(self.drop(x)))

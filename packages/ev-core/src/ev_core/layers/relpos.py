@@ -11,6 +11,7 @@ Note: a float bias rules out the flash SDPA kernel (efficient/math kernels take 
 from __future__ import annotations
 
 import torch
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from ev_core.layers.attention import MultiHeadSelfAttention
@@ -35,6 +36,7 @@ def relative_position_index(hw: tuple[int, int]) -> Tensor:
     return dy * (2 * W - 1) + dx
 
 
+@register_notrace_module  # resolution checks: an FX leaf
 class RelPosAttention(MultiHeadSelfAttention):
     """Global MSA plus a learned relative-position bias over a fixed ``H × W`` map.
 
@@ -50,10 +52,9 @@ class RelPosAttention(MultiHeadSelfAttention):
         qk_scale: logit scale override (default ``d ** -0.5``).
         attn_drop: attention dropout.
         proj_drop: output dropout.
-        fused: ``True`` SDPA, ``False`` explicit maths, ``None`` global default.
+        backend: attention backend (:func:`~ev_core.layers.attention.settle_backend`), settled
+            at construction.
     """
-
-    relative_position_index: Tensor
 
     def __init__(
         self,
@@ -64,9 +65,9 @@ class RelPosAttention(MultiHeadSelfAttention):
         qk_scale: float | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        fused: bool | None = None,
+        backend: str | None = None,
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, fused)
+        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, backend)
         H, W = resolution
         self.resolution = (int(H), int(W))
         self.relative_position_bias_table = nn.Parameter(
@@ -78,7 +79,7 @@ class RelPosAttention(MultiHeadSelfAttention):
     def position_bias(self) -> Tensor:
         """The bias ``[h, N, N]`` (in the table's dtype)."""
         n = self.resolution[0] * self.resolution[1]
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # type: ignore[operator]
         return bias.view(n, n, -1).permute(2, 0, 1)
 
     def forward(
@@ -92,17 +93,23 @@ class RelPosAttention(MultiHeadSelfAttention):
         Returns:
             ``[B, N, C]``.
         """
-        if (hw is not None and tuple(hw) != self.resolution) or x.shape[1] != (
-            self.resolution[0] * self.resolution[1]
-        ):
+        rh, rw = self.resolution
+        if x.shape[1] != rh * rw or (hw is not None and (hw[0] != rh or hw[1] != rw)):
             raise ValueError(
-                f"relative-position attention is built for a {self.resolution[0]}x"
-                f"{self.resolution[1]} map, got {x.shape[1]} tokens (hw={hw}); LIT-S/M/B are "
-                "resolution-locked: build the model with the matching img_size"
+                f"relative-position attention is built for a {rh}x{rw} map, got {x.shape[1]} "
+                f"tokens (hw={hw}); LIT-S/M/B are resolution-locked: build the model with the "
+                "matching img_size"
             )
-        pos = self.position_bias()
+        pos = self.position_bias().to(_compute_dtype(x)).unsqueeze(0)
+        return self.forward_tokens(x, pos if bias is None else pos + bias)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention logits are computed in: autocast's where it is on, else ``x``'s."""
+    if torch.jit.is_scripting():
+        return x.dtype
+    else:
         dev = x.device.type  # autocast has no state for e.g. the meta device
-        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-        dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
-        pos = pos.to(dtype).unsqueeze(0)
-        return super().forward(x, hw, bias=pos if bias is None else pos + bias)
+        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return x.dtype

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ev_core.layers.attention import attend, check_tokens, resolve_backend
+from ev_core.layers.attention import attention, check_tokens, settle_backend
 
 __all__ = ["SpatialReductionAttention"]
 
@@ -35,8 +35,8 @@ class SpatialReductionAttention(nn.Module):
         proj_drop: output dropout.
         pool_size: output side of the adaptive average pool of the linear variant (7).
         norm_eps: LayerNorm epsilon of the reduction (1e-5 as in PVT/PVTv2).
-        fused: ``True`` SDPA, ``False`` explicit maths, ``None`` global default.
-        backend: attention backend name (see :func:`~ev_core.layers.attention.attend`).
+        backend: attention backend (:func:`~ev_core.layers.attention.settle_backend`), settled
+            at construction.
     """
 
     def __init__(
@@ -51,7 +51,6 @@ class SpatialReductionAttention(nn.Module):
         proj_drop: float = 0.0,
         pool_size: int = 7,
         norm_eps: float = 1e-5,
-        fused: bool | None = None,
         backend: str | None = None,
     ) -> None:
         super().__init__()
@@ -61,15 +60,13 @@ class SpatialReductionAttention(nn.Module):
             raise ValueError(f"sr_ratio must be >= 1, got {sr_ratio}")
         if pool_size < 1:
             raise ValueError(f"pool_size must be >= 1, got {pool_size}")
-        resolve_backend(fused, backend)
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
         self.sr_ratio = sr_ratio
         self.linear = linear
-        self.fused = fused
-        self.backend = backend
+        self.backend: str = settle_backend(backend)
         self.attn_drop = attn_drop
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
@@ -113,15 +110,8 @@ class SpatialReductionAttention(nn.Module):
                 kv_in = self.act(kv_in)
         kv = self.kv(kv_in).view(B, -1, 2, h, d).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
-        out = attend(
-            q,
-            k,
-            v,
-            scale=self.scale,
-            dropout_p=self.attn_drop if self.training else 0.0,
-            fused=self.fused,
-            backend=self.backend,
-        )
+        dropout_p = self.attn_drop if self.training else 0.0
+        out = attention(q, k, v, None, self.scale, dropout_p, self.backend)
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(out))
 

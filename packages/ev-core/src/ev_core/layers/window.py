@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ev_core.layers.attention import attend, check_tokens, resolve_backend
+from ev_core.layers.attention import attention, check_tokens, settle_backend
 
 __all__ = [
     "WindowAttention",
@@ -157,8 +157,8 @@ class WindowAttention(nn.Module):
         proj_drop: output dropout.
         rel_pos_bias: learn a ``(2Mh−1)(2Mw−1) × h`` relative position bias table.
         mask_padding: mask zero-padded tokens out as keys (see the module docstring).
-        fused: ``True`` SDPA, ``False`` explicit maths, ``None`` global default.
-        backend: attention backend name (see :func:`~ev_core.layers.attention.attend`).
+        backend: attention backend (:func:`~ev_core.layers.attention.settle_backend`), settled
+            at construction.
     """
 
     def __init__(
@@ -173,7 +173,6 @@ class WindowAttention(nn.Module):
         proj_drop: float = 0.0,
         rel_pos_bias: bool = False,
         mask_padding: bool = True,
-        fused: bool | None = None,
         backend: str | None = None,
     ) -> None:
         super().__init__()
@@ -186,14 +185,12 @@ class WindowAttention(nn.Module):
                 f"shift_size {shift_size!r} must satisfy 0 <= shift < window {self.window_size}"
             )
         self.shift_size: tuple[int, int] = (int(shift[0]), int(shift[1]))
-        resolve_backend(fused, backend)
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = qk_scale if qk_scale is not None else self.head_dim**-0.5
         self.mask_padding = mask_padding
-        self.fused = fused
-        self.backend = backend
+        self.backend: str = settle_backend(backend)
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -256,16 +253,8 @@ class WindowAttention(nn.Module):
         bias = self._bias(H, W, x.device)
         if bias is not None:
             bias = bias.expand(nw, h, n, n).reshape(1, nw * h, n, n)
-        out = attend(
-            q,
-            k,
-            v,
-            bias=bias,
-            scale=self.scale,
-            dropout_p=self.attn_drop if self.training else 0.0,
-            fused=self.fused,
-            backend=self.backend,
-        )
+        dropout_p = self.attn_drop if self.training else 0.0
+        out = attention(q, k, v, bias, self.scale, dropout_p, self.backend)
         out = out.view(B, nw, h, n, d).transpose(2, 3).reshape(B * nw, wh, ww, C)
         xm = window_reverse(out, self.window_size, Hp, Wp)
         if sh or sw:

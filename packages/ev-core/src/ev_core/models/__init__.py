@@ -4,7 +4,7 @@
 * LITv2: ``litv2_s``, ``litv2_m``, ``litv2_b``.
 """
 
-from ev_core.models._common import checkpoint_filter_fn
+from ev_core.models._builder import checkpoint_filter_fn
 from ev_core.models.lit import LIT, LITConfig, LITTi, LITTiConfig
 from ev_core.models.litv2 import LITv2, LITv2Config
 

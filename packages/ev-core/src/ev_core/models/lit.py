@@ -11,81 +11,58 @@ Two families, both registered with timm and with the official state-dict names:
 
 Official checkpoints load with ``timm.create_model("lit_s", pretrained=True,
 pretrained_cfg_overlay=dict(file="lit_s.pth"))``.
+
+LIT-Ti runs at any input size: its per-stage position embeddings are resampled (bicubic, like
+timm's ``dynamic_img_size``) when a stage map differs from the one they were built for.
 """
 
-from __future__ import annotations
-
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs
+import torch.nn.functional as F
+from timm.layers import register_notrace_function
+from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ev_core.layers.attention import MultiHeadSelfAttention
-from ev_core.layers.dtm import DeformableTokenMerging, DTMPath
+from ev_core.layers.dtm import DeformableTokenMerging
 from ev_core.layers.embed import LITBlock, PatchEmbed
 from ev_core.layers.mlp import Mlp
 from ev_core.layers.relpos import RelPosAttention
-from ev_core.models._common import (
-    HierarchicalLIT,
+from ev_core.models._builder import build_ev_model, pretrained_cfg, resolve_config
+from ev_core.models._hierarchical import HierarchicalLIT
+from ev_core.models._layers import (
     build_stages,
-    checkpoint_filter_fn,
     drop_path_rates,
     init_weights,
     per_stage,
-    pretrained_cfg,
+    set_grad_checkpointing,
     to_2tuple,
 )
-from ev_core.registry import get_model_config, register_ev_model
+from ev_core.registry import register_ev_model
 
-__all__ = ["LIT", "LITConfig", "LITTi", "LITTiConfig", "lit_b", "lit_m", "lit_s", "lit_ti"]
+__all__ = [
+    "LIT",
+    "LITConfig",
+    "LITTi",
+    "LITTiConfig",
+    "lit_b",
+    "lit_m",
+    "lit_s",
+    "lit_ti",
+    "resample_pos_embed",
+]
 
 
 @dataclass
 class LITConfig:
-    """Architecture of a Swin-based LIT variant (official keyword names)."""
+    """Architecture and options of a Swin-based LIT model (official keyword names).
 
-    img_size: int = 224
-    patch_size: int = 4
-    in_chans: int = 3
-    num_classes: int = 1000
-    embed_dim: int = 96
-    depths: tuple[int, ...] = (2, 2, 6, 2)
-    num_heads: tuple[int, ...] = (3, 6, 12, 24)
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    has_msa: tuple[int, ...] = (0, 0, 1, 1)
-    drop_path_rate: float = 0.2
-
-
-@dataclass
-class LITTiConfig:
-    """Architecture of LIT-Ti (PVT-style keyword names)."""
-
-    img_size: int = 224
-    patch_size: int = 4
-    in_chans: int = 3
-    num_classes: int = 1000
-    embed_dims: tuple[int, ...] = (64, 128, 320, 512)
-    depths: tuple[int, ...] = (3, 4, 6, 3)
-    num_heads: tuple[int, ...] = (1, 2, 5, 8)
-    mlp_ratios: tuple[float, ...] = (8, 8, 4, 4)
-    qkv_bias: bool = True
-    has_msa: tuple[int, ...] = (0, 0, 1, 1)
-    layernorm_eps: float = 1e-6
-    drop_path_rate: float = 0.1
-
-
-class LIT(HierarchicalLIT):
-    """LIT-S/M/B (Swin layout, resolution-locked relative-position global attention).
-
-    Args:
+    Attributes:
         img_size: input size the relative-position tables are built for (required at run time).
         patch_size: stem patch size.
         in_chans: image channels.
@@ -101,55 +78,109 @@ class LIT(HierarchicalLIT):
         drop_path_rate: stochastic depth, linear over blocks.
         has_msa: per stage, 1 = blocks have relative-position MSA, 0 = MLP-only blocks.
         patch_norm: LayerNorm after the patch embedding.
-        ape: absolute position embedding (not used by LIT; only ``False`` is supported).
         use_checkpoint: gradient checkpointing per block.
         global_pool: ``"avg"`` or ``""``.
-        dtm_path: ``"fast"`` or ``"torchvision"`` deformable-conv path.
-        fused_attn: ``True`` SDPA, ``False`` explicit attention, ``None`` global default.
+        dtm_path: ``"auto"`` (measured fastest), ``"fast"`` or ``"torchvision"``.
+        attn_backend: attention backend of the MSA layers (``None``: module-wide default).
     """
 
-    def __init__(
-        self,
-        img_size: int | Sequence[int] = 224,
-        patch_size: int = 4,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        embed_dim: int = 96,
-        depths: Sequence[int] = (2, 2, 6, 2),
-        num_heads: Sequence[int] = (3, 6, 12, 24),
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        qk_scale: float | None = None,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.2,
-        has_msa: Sequence[int] = (0, 0, 1, 1),
-        patch_norm: bool = True,
-        ape: bool = False,
-        use_checkpoint: bool = False,
-        global_pool: str = "avg",
-        dtm_path: DTMPath = "fast",
-        fused_attn: bool | None = None,
-    ) -> None:
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.2
+    has_msa: tuple[int, ...] = (0, 0, 1, 1)
+    patch_norm: bool = True
+    use_checkpoint: bool = False
+    global_pool: str = "avg"
+    dtm_path: str = "auto"
+    attn_backend: str | None = None
+
+
+@dataclass
+class LITTiConfig:
+    """Architecture and options of LIT-Ti (PVT-style keyword names).
+
+    Attributes:
+        img_size: input size the position embeddings are built for (others are resampled).
+        patch_size: stage-1 patch size.
+        in_chans: image channels.
+        num_classes: classes of the head (0 = no head).
+        embed_dims: channels per stage.
+        depths: blocks per stage.
+        num_heads: heads per stage.
+        mlp_ratios: MLP hidden ratio per stage.
+        qkv_bias: bias on the qkv projection.
+        qk_scale: logit scale override.
+        drop_rate: dropout after position embeddings, in MLPs and after attention.
+        attn_drop_rate: attention dropout.
+        drop_path_rate: stochastic depth, linear over blocks.
+        has_msa: per stage, 1 = blocks with global MSA, 0 = MLP-only blocks.
+        layernorm_eps: epsilon of the block and final LayerNorms.
+        use_checkpoint: gradient checkpointing per block.
+        global_pool: ``"token"`` (cls token) or ``"avg"`` (mean of the patch tokens).
+        dtm_path: ``"auto"`` (measured fastest), ``"fast"`` or ``"torchvision"``.
+        attn_backend: attention backend of the MSA layers (``None``: module-wide default).
+    """
+
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dims: tuple[int, ...] = (64, 128, 320, 512)
+    depths: tuple[int, ...] = (3, 4, 6, 3)
+    num_heads: tuple[int, ...] = (1, 2, 5, 8)
+    mlp_ratios: tuple[float, ...] = (8, 8, 4, 4)
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    has_msa: tuple[int, ...] = (0, 0, 1, 1)
+    layernorm_eps: float = 1e-6
+    use_checkpoint: bool = False
+    global_pool: str = "token"
+    dtm_path: str = "auto"
+    attn_backend: str | None = None
+
+
+class LIT(HierarchicalLIT):
+    """LIT-S/M/B (Swin layout, resolution-locked relative-position global attention).
+
+    Args:
+        cfg: the architecture (default ``LITConfig()``, i.e. LIT-S).
+        **overrides: fields of :class:`LITConfig` to replace.
+    """
+
+    def __init__(self, cfg: LITConfig | None = None, **overrides: Any) -> None:
         super().__init__()
-        if ape:
-            raise ValueError("ape=True (absolute position embedding) is not part of LIT-S/M/B")
-        n = len(depths)
-        depths = per_stage("depths", depths, n)
-        num_heads = per_stage("num_heads", num_heads, n)
-        has_msa = per_stage("has_msa", has_msa, n)
-        self.img_size = to_2tuple(img_size)
-        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
-            raise ValueError(f"img_size {self.img_size} must be divisible by patch {patch_size}")
-        dims = [embed_dim * 2**i for i in range(n)]
-        res = [(self.img_size[0] // patch_size, self.img_size[1] // patch_size)]
+        cfg = resolve_config(LITConfig, cfg, overrides)
+        self.cfg = cfg
+        n = len(cfg.depths)
+        num_heads = per_stage("num_heads", cfg.num_heads, n)
+        has_msa = per_stage("has_msa", cfg.has_msa, n)
+        self.img_size = to_2tuple(cfg.img_size)
+        p = cfg.patch_size
+        if self.img_size[0] % p or self.img_size[1] % p:
+            raise ValueError(f"img_size {self.img_size} must be divisible by patch {p}")
+        dims = [cfg.embed_dim * 2**i for i in range(n)]
+        res = [(self.img_size[0] // p, self.img_size[1] // p)]
         for _ in range(n - 1):
             res.append((res[-1][0] // 2, res[-1][1] // 2))
-        self.embed_dim = embed_dim
+        self.embed_dim = cfg.embed_dim
+        norm = nn.LayerNorm if cfg.patch_norm else None
         self.patch_embed = PatchEmbed(
-            patch_size, in_chans, embed_dim, nn.LayerNorm if patch_norm else None, pad=False
+            p, cfg.in_chans, cfg.embed_dim, norm, img_size=self.img_size, model="LIT-S/M/B"
         )
-        self.pos_drop = nn.Dropout(drop_rate)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
 
         def make_block(i: int, j: int, dp: float) -> nn.Module:
             dim = dims[i]
@@ -159,109 +190,99 @@ class LIT(HierarchicalLIT):
                     dim,
                     res[i],
                     num_heads[i],
-                    qkv_bias=qkv_bias,
-                    qk_scale=qk_scale,
-                    attn_drop=attn_drop_rate,
-                    proj_drop=drop_rate,
-                    fused=fused_attn,
+                    qkv_bias=cfg.qkv_bias,
+                    qk_scale=cfg.qk_scale,
+                    attn_drop=cfg.attn_drop_rate,
+                    proj_drop=cfg.drop_rate,
+                    backend=cfg.attn_backend,
                 )
-            mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop_rate)
+            mlp = Mlp(dim, int(dim * cfg.mlp_ratio), drop=cfg.drop_rate)
             return LITBlock(dim, mlp, attn, nn.LayerNorm, dp)
 
-        self.layers = build_stages(dims, depths, drop_path_rate, make_block, dtm_path)
+        self.layers = build_stages(dims, cfg.depths, cfg.drop_path_rate, make_block, cfg.dtm_path)
         self.norm = nn.LayerNorm(dims[-1])
-        self._finish_init(num_classes, global_pool, dims, patch_size)
-        self.set_grad_checkpointing(use_checkpoint)
+        self._finish_init(cfg.num_classes, cfg.global_pool, dims, p)
+        self.set_grad_checkpointing(cfg.use_checkpoint)
 
-    def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"LIT-S/M/B are resolution-locked: built for {self.img_size}, got "
-                f"{tuple(x.shape[-2:])} (create the model with img_size=...)"
-            )
-        return super()._embed(x)
 
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set[str]:
-        return {"relative_position_bias_table"}
+@register_notrace_function
+def resample_pos_embed(
+    pos: Tensor, grid: tuple[int, int], hw: tuple[int, int], num_prefix: int
+) -> Tensor:
+    """Position embeddings of a ``grid`` map resampled (bicubic) to an ``hw`` map.
+
+    Args:
+        pos: ``[1, num_prefix + gh·gw, C]`` (prefix tokens, e.g. cls, first; kept as they are).
+        grid: ``(gh, gw)`` the embeddings were built for.
+        hw: ``(H, W)`` wanted.
+        num_prefix: leading non-spatial tokens.
+
+    Returns:
+        ``[1, num_prefix + H·W, C]`` (``pos`` itself when ``hw == grid``).
+    """
+    if hw[0] == grid[0] and hw[1] == grid[1]:
+        return pos
+    prefix, spatial = pos[:, :num_prefix], pos[:, num_prefix:]
+    C = spatial.shape[-1]
+    m = spatial.reshape(1, grid[0], grid[1], C).permute(0, 3, 1, 2).float()
+    m = F.interpolate(m, size=[hw[0], hw[1]], mode="bicubic", align_corners=False)
+    spatial = m.permute(0, 2, 3, 1).reshape(1, hw[0] * hw[1], C).to(pos.dtype)
+    return torch.cat((prefix, spatial), dim=1)
 
 
 class LITTi(nn.Module):
-    """LIT-Ti (PVT layout). State-dict names: ``patch_embed{1..4}``, ``pos_embed{1..4}``,
-    ``block{1..4}``, ``cls_token``, ``norm``, ``head``.
+    """LIT-Ti (PVT layout), any input size. State-dict names: ``patch_embed{1..4}``,
+    ``pos_embed{1..4}``, ``block{1..4}``, ``cls_token``, ``norm``, ``head``.
 
     Args:
-        img_size: input size (the position embeddings are built for it; required at run time).
-        patch_size: stage-1 patch size.
-        in_chans: image channels.
-        num_classes: classes of the head (0 = no head).
-        embed_dims: channels per stage.
-        num_heads: heads per stage.
-        mlp_ratios: MLP hidden ratio per stage.
-        qkv_bias: bias on the qkv projection.
-        qk_scale: logit scale override.
-        drop_rate: dropout after position embeddings, in MLPs and after attention.
-        attn_drop_rate: attention dropout.
-        drop_path_rate: stochastic depth, linear over blocks.
-        depths: blocks per stage.
-        has_msa: per stage, 1 = blocks with global MSA, 0 = MLP-only blocks.
-        layernorm_eps: epsilon of the block and final LayerNorms.
-        use_checkpoint: gradient checkpointing per block.
-        global_pool: ``"token"`` (cls token) or ``"avg"`` (mean of the patch tokens).
-        dtm_path: ``"fast"`` or ``"torchvision"`` deformable-conv path.
-        fused_attn: ``True`` SDPA, ``False`` explicit attention, ``None`` global default.
+        cfg: the architecture (default ``LITTiConfig()``).
+        **overrides: fields of :class:`LITTiConfig` to replace.
     """
 
-    def __init__(
-        self,
-        img_size: int | Sequence[int] = 224,
-        patch_size: int = 4,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        embed_dims: Sequence[int] = (64, 128, 320, 512),
-        num_heads: Sequence[int] = (1, 2, 5, 8),
-        mlp_ratios: Sequence[float] = (8, 8, 4, 4),
-        qkv_bias: bool = True,
-        qk_scale: float | None = None,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.1,
-        depths: Sequence[int] = (3, 4, 6, 3),
-        has_msa: Sequence[int] = (0, 0, 1, 1),
-        layernorm_eps: float = 1e-6,
-        use_checkpoint: bool = False,
-        global_pool: str = "token",
-        dtm_path: DTMPath = "fast",
-        fused_attn: bool | None = None,
-    ) -> None:
+    if TYPE_CHECKING:  # set with setattr below; declared for type checkers only
+        patch_embed1: PatchEmbed
+        patch_embed2: DeformableTokenMerging
+        patch_embed3: DeformableTokenMerging
+        patch_embed4: DeformableTokenMerging
+        pos_embed1: nn.Parameter
+        pos_embed2: nn.Parameter
+        pos_embed3: nn.Parameter
+        pos_embed4: nn.Parameter
+        block1: nn.ModuleList
+        block2: nn.ModuleList
+        block3: nn.ModuleList
+        block4: nn.ModuleList
+
+    def __init__(self, cfg: LITTiConfig | None = None, **overrides: Any) -> None:
         super().__init__()
+        cfg = resolve_config(LITTiConfig, cfg, overrides)
+        self.cfg = cfg
         n = 4
-        dims = per_stage("embed_dims", embed_dims, n)
-        depths = per_stage("depths", depths, n)
-        num_heads = per_stage("num_heads", num_heads, n)
-        mlp_ratios = per_stage("mlp_ratios", mlp_ratios, n)
-        has_msa = per_stage("has_msa", has_msa, n)
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-        self.img_size = to_2tuple(img_size)
-        if self.img_size[0] % (patch_size * 8) or self.img_size[1] % (patch_size * 8):
-            raise ValueError(f"img_size {self.img_size} must be divisible by {patch_size * 8}")
+        dims = per_stage("embed_dims", cfg.embed_dims, n)
+        depths = per_stage("depths", cfg.depths, n)
+        num_heads = per_stage("num_heads", cfg.num_heads, n)
+        mlp_ratios = per_stage("mlp_ratios", cfg.mlp_ratios, n)
+        has_msa = per_stage("has_msa", cfg.has_msa, n)
+        if cfg.global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {cfg.global_pool!r}")
+        self.img_size = to_2tuple(cfg.img_size)
+        p = cfg.patch_size
+        if self.img_size[0] % (p * 8) or self.img_size[1] % (p * 8):
+            raise ValueError(f"img_size {self.img_size} must be divisible by {p * 8}")
         self.num_stages = n  # stages present (fewer after prune_intermediate_layers)
-        self.cls_stage = n - 1  # the stage that carries the cls token
         self.embed_dims = dims
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.grad_checkpointing = use_checkpoint
-        norm_layer = partial(nn.LayerNorm, eps=layernorm_eps)
-        dpr = drop_path_rates(drop_path_rate, sum(depths))
-        h, w = self.img_size[0] // patch_size, self.img_size[1] // patch_size
-        self.resolutions: list[tuple[int, int]] = []
+        self.num_classes = cfg.num_classes
+        self.global_pool = cfg.global_pool
+        norm_layer = partial(nn.LayerNorm, eps=cfg.layernorm_eps)
+        dpr = drop_path_rates(cfg.drop_path_rate, sum(depths))
+        h, w = self.img_size[0] // p, self.img_size[1] // p
+        self.resolutions: list[tuple[int, int]] = []  # the map each pos_embed is built for
         k = 0
         for i in range(n):
             if i == 0:
-                embed: nn.Module = PatchEmbed(patch_size, in_chans, dims[0], nn.LayerNorm)
+                embed: nn.Module = PatchEmbed(p, cfg.in_chans, dims[0], nn.LayerNorm, pad=True)
             else:
-                embed = DeformableTokenMerging(dims[i - 1], dims[i], path=dtm_path)
+                embed = DeformableTokenMerging(dims[i - 1], dims[i], path=cfg.dtm_path)
                 h, w = h // 2, w // 2
             self.resolutions.append((h, w))
             extra = 1 if i == n - 1 else 0
@@ -272,37 +293,37 @@ class LITTi(nn.Module):
                 attn = None
                 if has_msa[i]:
                     attn = MultiHeadSelfAttention(
-                        dims[i], num_heads[i], qkv_bias, qk_scale, attn_drop_rate, drop_rate,
-                        fused_attn,
+                        dims[i], num_heads[i], cfg.qkv_bias, cfg.qk_scale, cfg.attn_drop_rate,
+                        cfg.drop_rate, backend=cfg.attn_backend,
                     )  # fmt: skip
-                mlp = Mlp(dims[i], int(dims[i] * mlp_ratios[i]), drop=drop_rate)
+                mlp = Mlp(dims[i], int(dims[i] * mlp_ratios[i]), drop=cfg.drop_rate)
                 blocks.append(LITBlock(dims[i], mlp, attn, norm_layer, dpr[k + j]))
             k += depths[i]
             setattr(self, f"patch_embed{i + 1}", embed)
             setattr(self, f"pos_embed{i + 1}", pos)
             setattr(self, f"block{i + 1}", nn.ModuleList(blocks))
-        self.pos_drop = nn.Dropout(drop_rate)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[-1]))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.norm: nn.Module = norm_layer(dims[-1])
         self.num_features = self.head_hidden_size = dims[-1]
         self.head: nn.Module = (
-            nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+            nn.Linear(dims[-1], cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         )
         self.feature_info = [
-            dict(num_chs=d, reduction=patch_size * 2**i, module=f"block{i + 1}")
-            for i, d in enumerate(dims)
+            dict(num_chs=d, reduction=p * 2**i, module=f"block{i + 1}") for i, d in enumerate(dims)
         ]
         for i in range(n):
             getattr(self, f"block{i + 1}").apply(init_weights)
         self.norm.apply(init_weights)
         self.head.apply(init_weights)
+        self.set_grad_checkpointing(cfg.use_checkpoint)
 
     # ----------------------------------------------------------------- timm model API
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass (saves activation memory)."""
-        self.grad_checkpointing = enable
+        set_grad_checkpointing(self, enable)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -322,38 +343,57 @@ class LITTi(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def _stage(self, i: int, x: Tensor, hw: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
-        """Stage ``i``: embed (stem conv or DTM) + position embedding + blocks.
-
-        ``x``: images ``[B, 3, H, W]`` for stage 0, else tokens ``[B, N, C]``. The last stage
-        returns ``[B, 1 + N, C]`` (cls token first).
-        """
-        embed = getattr(self, f"patch_embed{i + 1}")
-        x, hw = embed(x) if i == 0 else embed(x, hw)
-        if hw != self.resolutions[i]:
-            raise ValueError(f"LIT-Ti is built for img_size {self.img_size}; stage {i + 1} got "
-                             f"a {hw[0]}x{hw[1]} map instead of {self.resolutions[i]}")  # fmt: skip
-        if i == self.cls_stage:
+    # ----------------------------------------------------------------- forward
+    def _add_pos(self, x: Tensor, hw: tuple[int, int], i: int, pos: Tensor) -> Tensor:
+        """Position embedding (after the cls token in the last stage) of stage ``i``."""
+        cls = i == 3
+        if cls:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        x = self.pos_drop(x + getattr(self, f"pos_embed{i + 1}"))
-        # The cls-token stage has 1 + H·W tokens: its (global) attention gets no map size.
-        block_hw = None if i == self.cls_stage else hw
-        for blk in getattr(self, f"block{i + 1}"):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, block_hw, use_reentrant=False)
-            else:
-                x = blk(x, block_hw)
-        return x, hw
+        return self.pos_drop(x + resample_pos_embed(pos, self.resolutions[i], hw, 1 if cls else 0))
+
+    def _to_map(self, x: Tensor, hw: tuple[int, int], i: int, norm: bool, nchw: bool) -> Tensor:
+        y = self.norm(x) if norm else x
+        y = y[:, 1:] if i == 3 else y
+        y = y.reshape(y.shape[0], hw[0], hw[1], y.shape[-1])
+        return y.permute(0, 3, 1, 2) if nchw else y
+
+    def _forward_stages(
+        self, x: Tensor, take: list[int], stop: int, norm: bool, nchw: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Stages ``0 .. stop-1``; the maps of the stages in ``take`` (cls token dropped)."""
+        feats: list[Tensor] = []
+        x, hw = self.patch_embed1(x)
+        x = self._add_pos(x, hw, 0, self.pos_embed1)
+        for blk1 in self.block1:
+            x = blk1(x, hw)
+        if 0 in take:
+            feats.append(self._to_map(x, hw, 0, False, nchw))
+        if stop > 1:
+            x, hw = self.patch_embed2(x, hw)
+            x = self._add_pos(x, hw, 1, self.pos_embed2)
+            for blk2 in self.block2:
+                x = blk2(x, hw)
+            if 1 in take:
+                feats.append(self._to_map(x, hw, 1, False, nchw))
+        if stop > 2:
+            x, hw = self.patch_embed3(x, hw)
+            x = self._add_pos(x, hw, 2, self.pos_embed3)
+            for blk3 in self.block3:
+                x = blk3(x, hw)
+            if 2 in take:
+                feats.append(self._to_map(x, hw, 2, False, nchw))
+        if stop > 3:
+            x, hw = self.patch_embed4(x, hw)
+            x = self._add_pos(x, hw, 3, self.pos_embed4)
+            for blk4 in self.block4:  # 1 + H·W tokens: the (global) attention gets no map size
+                x = blk4(x, None)
+            if 3 in take:
+                feats.append(self._to_map(x, hw, 3, norm, nchw))
+        return x, feats
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, 3, H, W]`` → normalised tokens ``[B, 1 + N, C]`` (cls token first)."""
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"LIT-Ti is built for img_size {self.img_size}, got {tuple(x.shape[-2:])}"
-            )
-        hw = self.img_size
-        for i in range(self.num_stages):
-            x, hw = self._stage(i, x, hw)
+        x, _ = self._forward_stages(x, [], self.num_stages, False, True)
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -381,25 +421,12 @@ class LITTi(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"LIT-Ti is built for img_size {self.img_size}, got {tuple(x.shape[-2:])}"
-            )
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
-        last = self.cls_stage
-        intermediates: list[Tensor] = []
-        hw = self.img_size
         stop = max_index + 1 if stop_early else self.num_stages
-        for i in range(stop):
-            x, hw = self._stage(i, x, hw)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last else x
-                y = y[:, 1:] if i == last else y
-                y = y.reshape(y.shape[0], hw[0], hw[1], y.shape[-1])
-                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
+        x, feats = self._forward_stages(x, list(take_indices), stop, norm, output_fmt == "NCHW")
         if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
+            return feats
+        return self.norm(x), feats
 
     def prune_intermediate_layers(
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
@@ -421,21 +448,9 @@ class LITTi(nn.Module):
         return take_indices
 
 
-def _build(cls: type[nn.Module], variant: str, pretrained: bool, **kwargs: Any) -> Any:
-    args = {**dataclasses.asdict(get_model_config(variant)), **kwargs}
-    return build_model_with_cfg(
-        cls,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
-        **args,
-    )
-
-
 default_cfgs = generate_default_cfgs(
     {
-        "lit_ti.in1k": pretrained_cfg(first_conv="patch_embed1.proj", fixed_input_size=True),
+        "lit_ti.in1k": pretrained_cfg(first_conv="patch_embed1.proj"),
         "lit_s.in1k": pretrained_cfg(fixed_input_size=True),
         "lit_m.in1k": pretrained_cfg(fixed_input_size=True),
         "lit_b.in1k": pretrained_cfg(fixed_input_size=True),
@@ -450,22 +465,22 @@ _B = dataclasses.replace(_M, embed_dim=128, num_heads=(4, 8, 16, 32), drop_path_
 @register_ev_model(LITTiConfig())
 def lit_ti(pretrained: bool = False, **kwargs: Any) -> LITTi:
     """LIT-Ti (PVT-based): 19.9 M params, 3.6 GFLOPs (paper), 81.1 % top-1."""
-    return _build(LITTi, "lit_ti", pretrained, **kwargs)
+    return build_ev_model(LITTi, "lit_ti", pretrained, **kwargs)
 
 
 @register_ev_model(_S)
 def lit_s(pretrained: bool = False, **kwargs: Any) -> LIT:
     """LIT-S (Swin-based): 28.0 M params, 4.1 GFLOPs (paper), 81.5 % top-1."""
-    return _build(LIT, "lit_s", pretrained, **kwargs)
+    return build_ev_model(LIT, "lit_s", pretrained, **kwargs)
 
 
 @register_ev_model(_M)
 def lit_m(pretrained: bool = False, **kwargs: Any) -> LIT:
     """LIT-M (Swin-based): 49.4 M params, 8.6 GFLOPs (paper), 83.0 % top-1."""
-    return _build(LIT, "lit_m", pretrained, **kwargs)
+    return build_ev_model(LIT, "lit_m", pretrained, **kwargs)
 
 
 @register_ev_model(_B)
 def lit_b(pretrained: bool = False, **kwargs: Any) -> LIT:
     """LIT-B (Swin-based): 87.3 M params, 15.0 GFLOPs (paper), 83.4 % top-1."""
-    return _build(LIT, "lit_b", pretrained, **kwargs)
+    return build_ev_model(LIT, "lit_b", pretrained, **kwargs)

@@ -4,11 +4,16 @@
   projection embedding, feature map, extra heads), momentum-encoder helpers.
 * :mod:`ev_core.ssl.queue`: MoCo's :class:`NegativeQueue`.
 * :mod:`ev_core.ssl.views`: :class:`ViewBatch`, :class:`TwoViewTransform`, view generators.
-* :mod:`ev_core.ssl.trainer`: :class:`ContrastiveTrainer` / :func:`pretrain` (SimCLR or MoCo,
-  AMP, accumulation, checkpoint/resume, DDP) with :class:`LossTermSpec` extension points.
+* :mod:`ev_core.ssl.config`: :class:`PretrainConfig`, every setting of a run.
+* :mod:`ev_core.ssl.protocols`: :class:`StepContext`, :class:`LossTerm`/:class:`LossTermSpec`
+  (extra loss terms) and the :class:`ContrastiveLoss` interface.
+* :mod:`ev_core.ssl.trainer`: :class:`ContrastiveTrainer` / :func:`pretrain` (SimCLR or MoCo)
+  on :class:`ev_core.training.Engine` (AMP, accumulation, atomic checkpoints and exact resume,
+  DDP, non-finite-loss stop).
 * :mod:`ev_core.ssl.evaluation`: feature extraction, k-NN and linear-probe evaluation.
 """
 
+from ev_core.ssl.config import PretrainConfig
 from ev_core.ssl.encoder import (
     ContrastiveEncoder,
     EncoderOutput,
@@ -26,17 +31,9 @@ from ev_core.ssl.evaluation import (
     knn_predict,
     linear_probe,
 )
+from ev_core.ssl.protocols import ContrastiveLoss, LossTerm, LossTermSpec, StepContext
 from ev_core.ssl.queue import NegativeQueue
-from ev_core.ssl.trainer import (
-    ContrastiveLoss,
-    ContrastiveTrainer,
-    LossTerm,
-    LossTermSpec,
-    PretrainConfig,
-    PretrainResult,
-    StepContext,
-    pretrain,
-)
+from ev_core.ssl.trainer import ContrastiveTrainer, PretrainResult, pretrain
 from ev_core.ssl.views import (
     TwoViewTransform,
     ViewBatch,

@@ -13,8 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
+
+from ev_core.training.runtime import move_to_device
 
 __all__ = ["TwoViewTransform", "ViewBatch", "ViewGenerator", "as_view_batch", "move_to_device"]
 
@@ -54,24 +55,6 @@ class ViewBatch:
 
 
 ViewGenerator = Callable[[Any], ViewBatch]
-
-
-def move_to_device(obj: Any, device: torch.device, *, non_blocking: bool = True) -> Any:
-    """Move every tensor inside ``obj`` (tensors, mappings, lists/tuples, :class:`ViewBatch`)."""
-    if isinstance(obj, Tensor):
-        return obj.to(device, non_blocking=non_blocking)
-    if isinstance(obj, ViewBatch):
-        return ViewBatch(
-            move_to_device(obj.view1, device, non_blocking=non_blocking),
-            move_to_device(obj.view2, device, non_blocking=non_blocking),
-            move_to_device(obj.original, device, non_blocking=non_blocking),
-            move_to_device(obj.extras, device, non_blocking=non_blocking),
-        )
-    if isinstance(obj, Mapping):
-        return {k: move_to_device(v, device, non_blocking=non_blocking) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(move_to_device(v, device, non_blocking=non_blocking) for v in obj)
-    return obj
 
 
 def _from_views(views: Sequence[Any], extras: dict[str, Any]) -> ViewBatch:

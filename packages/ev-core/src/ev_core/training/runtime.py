@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import uuid
@@ -83,9 +84,16 @@ def autocast(
 
 
 def move_to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
-    """Move every tensor inside ``batch`` (nested tuples/lists/dicts) to ``device``."""
+    """Move every tensor inside ``batch`` (nested tuples/lists/dicts/dataclasses) to ``device``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=non_blocking and device.type == "cuda")
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        moved = {
+            f.name: move_to_device(getattr(batch, f.name), device, non_blocking)
+            for f in dataclasses.fields(batch)
+            if f.init
+        }
+        return dataclasses.replace(batch, **moved)
     if isinstance(batch, Mapping):
         return type(batch)({k: move_to_device(v, device, non_blocking) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # named tuple

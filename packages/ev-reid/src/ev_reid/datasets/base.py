@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+from ev_core.errors import EvError
 from ev_reid.records import ReidRecord
 
 __all__ = [
@@ -28,7 +29,9 @@ __all__ = [
     "combine_datasets",
     "find_dataset_dir",
     "list_images",
+    "parse_int",
     "parse_market_style",
+    "read_text_lines",
     "relabel",
 ]
 
@@ -39,7 +42,7 @@ JUNK_PID = -1
 DISTRACTOR_PID = 0
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(EvError, ValueError):
     """A dataset is missing or does not follow its official layout / naming scheme.
 
     The message names the offending path and, when given, the expected layout.
@@ -58,7 +61,7 @@ class DatasetLayoutError(ValueError):
         text = message if path is None else f"{message}: {path}"
         if expected:
             text += "\nExpected layout:\n" + expected.rstrip()
-        super().__init__(text)
+        super().__init__(text, path)
 
 
 def find_dataset_dir(
@@ -107,6 +110,37 @@ def list_images(directory: Path, *, expected: str) -> list[Path]:
     if not files:
         raise DatasetLayoutError("folder holds no image", path=directory, expected=expected)
     return files
+
+
+_INT = re.compile(r"-?[0-9]+")
+
+
+def parse_int(text: str) -> int | None:
+    """``int(text)`` for plain ASCII integers (``-12``, ``0003``), else ``None``.
+
+    Stricter than ``int()``/``str.isdigit()``, which accept ``"²"``, ``"٣"`` or ``" 1_0"``.
+    """
+    return int(text) if _INT.fullmatch(text) else None
+
+
+def read_text_lines(path: Path, *, expected: str) -> list[str]:
+    """The lines of a UTF-8 list file.
+
+    Raises:
+        DatasetLayoutError: naming ``path`` if it is missing, unreadable or not UTF-8 text.
+    """
+    if not path.is_file():
+        raise DatasetLayoutError("missing list file", path=path, expected=expected)
+    try:
+        return path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DatasetLayoutError(
+            f"not a UTF-8 text file (byte {exc.start})", path=path, expected=expected
+        ) from None
+    except OSError as exc:
+        raise DatasetLayoutError(
+            f"cannot read ({exc.strerror})", path=path, expected=expected
+        ) from None
 
 
 def relabel(records: Iterable[ReidRecord]) -> list[ReidRecord]:

@@ -27,7 +27,7 @@ from ev_reid.records import ReidRecord
 
 __all__ = ["CUHK03", "extract_cuhk03_images"]
 
-_NAME = re.compile(r"([1-5])_(\d{3})_([12])_(\d{2})\.png")
+_NAME = re.compile(r"([1-5])_([0-9]{3})_([12])_([0-9]{2})\.png")
 _RAW_MAT = ("cuhk03_release/cuhk-03.mat", "cuhk-03.mat")
 NUM_CLASSIC_SPLITS = 20
 
@@ -114,15 +114,50 @@ def _load_config(path: Path) -> dict[str, np.ndarray]:
 
     try:
         mat = loadmat(str(path))
-    except (OSError, ValueError, NotImplementedError) as exc:
+    except Exception as exc:  # noqa: BLE001 (scipy raises many types on a corrupt .mat)
         raise DatasetLayoutError(
-            f"cannot read the new-protocol config ({exc})", path=path, expected=LAYOUT
+            f"cannot read the new-protocol config ({type(exc).__name__}: {exc})",
+            path=path,
+            expected=LAYOUT,
         ) from exc
     keys = ("filelist", "labels", "train_idx", "query_idx", "gallery_idx")
     missing = [k for k in keys if k not in mat]
     if missing:
         raise DatasetLayoutError(f"new-protocol config lacks {missing}", path=path, expected=LAYOUT)
-    return {k: np.asarray(mat[k]).reshape(-1) for k in keys}
+    out: dict[str, np.ndarray] = {"filelist": _file_names(mat["filelist"], path)}
+    for key in keys[1:]:
+        out[key] = _integers(mat[key], key, path)
+    return out
+
+
+def _file_names(value: Any, path: Path) -> np.ndarray:
+    """``filelist`` as a 1-D array of str (MATLAB cells of char arrays)."""
+    names = []
+    for cell in np.asarray(value, dtype=object).reshape(-1):
+        item = np.asarray(cell).reshape(-1)
+        if item.size != 1 or not isinstance(item[0], str):
+            raise DatasetLayoutError(
+                f"filelist entry {len(names) + 1} is not a file name: {cell!r:.60}",
+                path=path,
+                expected=LAYOUT,
+            )
+        names.append(str(item[0]))
+    return np.asarray(names, dtype=object)
+
+
+def _integers(value: Any, key: str, path: Path) -> np.ndarray:
+    """A numeric MATLAB vector as int64, rejecting text, non-finite and fractional entries."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iuf" or arr.ndim > 2 or (arr.ndim == 2 and 1 not in arr.shape):
+        raise DatasetLayoutError(
+            f"{key} must be a numeric vector, got {arr.dtype} of shape {arr.shape}",
+            path=path,
+            expected=LAYOUT,
+        )
+    arr = arr.reshape(-1)
+    if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
+        raise DatasetLayoutError(f"{key} holds non-integer values", path=path, expected=LAYOUT)
+    return arr.astype(np.int64)
 
 
 def _parse_name(name: str, where: Path) -> tuple[int, int, int]:
@@ -232,15 +267,19 @@ class CUHK03(ReidDataset):
         self, config: Path
     ) -> tuple[list[ReidRecord], list[ReidRecord], list[ReidRecord]]:
         cfg = _load_config(config)
-        names = [str(np.asarray(x).reshape(-1)[0]) for x in cfg["filelist"]]
-        labels = cfg["labels"].astype(np.int64)
+        names = [str(x) for x in cfg["filelist"]]
+        labels = cfg["labels"]
         if len(labels) != len(names):
             raise DatasetLayoutError(
                 f"{len(names)} files but {len(labels)} labels", path=config, expected=LAYOUT
             )
+        if labels.size and labels.min() < 0:
+            raise DatasetLayoutError(
+                f"negative person label {labels.min()}", path=config, expected=LAYOUT
+            )
         splits = []
         for key in ("train_idx", "query_idx", "gallery_idx"):
-            idx = cfg[key].astype(np.int64) - 1  # MATLAB indices are 1-based
+            idx = cfg[key] - 1  # MATLAB indices are 1-based
             if idx.size and (idx.min() < 0 or idx.max() >= len(names)):
                 raise DatasetLayoutError(
                     f"{key} outside 1..{len(names)}", path=config, expected=LAYOUT
@@ -263,12 +302,23 @@ class CUHK03(ReidDataset):
                     raise DatasetLayoutError(
                         f"testsets has {len(refs)} splits", path=mat, expected=LAYOUT
                     )
-                pairs = np.asarray(f[refs[self.split_id]]).T.astype(np.int64)  # [100, 2]
-        except (OSError, KeyError) as exc:
+                pairs = np.asarray(f[refs[self.split_id]]).T  # [100, 2] (campid, pid)
+        except DatasetLayoutError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (h5py: OSError, KeyError, TypeError, ...)
             raise DatasetLayoutError(
-                f"cannot read testsets from cuhk-03.mat ({exc})", path=mat, expected=LAYOUT
+                f"cannot read testsets from cuhk-03.mat ({type(exc).__name__}: {exc})",
+                path=mat,
+                expected=LAYOUT,
             ) from exc
-        test_ids = {(int(c), int(p)) for c, p in pairs.reshape(-1, 2)}
+        if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.dtype.kind not in "iuf":
+            raise DatasetLayoutError(
+                f"testsets split {self.split_id} is not a [N, 2] numeric (campid, pid) array "
+                f"({pairs.dtype}, shape {pairs.shape})",
+                path=mat,
+                expected=LAYOUT,
+            )
+        test_ids = {(int(c), int(p)) for c, p in np.nan_to_num(pairs).astype(np.int64)}
         train: list[ReidRecord] = []
         test: list[ReidRecord] = []
         for path in sorted(self.images_dir.glob("*.png")):

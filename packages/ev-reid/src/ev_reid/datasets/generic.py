@@ -11,6 +11,8 @@ from ev_reid.datasets.base import (
     DatasetLayoutError,
     ReidDataset,
     list_images,
+    parse_int,
+    read_text_lines,
     relabel,
 )
 from ev_reid.records import ReidRecord
@@ -82,22 +84,21 @@ class ImageListDataset(ReidDataset):
         )
 
     def _read(self, root: Path, list_path: Path) -> list[ReidRecord]:
-        if not list_path.is_file():
-            raise DatasetLayoutError("missing list file", path=list_path, expected=self.layout)
         records = []
-        for lineno, raw in enumerate(list_path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, raw in enumerate(read_text_lines(list_path, expected=self.layout), 1):
             line = raw.split("#", 1)[0].strip()
             if not line:
                 continue
             fields = line.rsplit(maxsplit=2)
-            try:
-                path, pid, camid = fields[0], int(fields[1]), int(fields[2])
-            except (IndexError, ValueError):
+            numbers = [parse_int(f) for f in fields[1:]]
+            if len(fields) != 3 or None in numbers:
                 raise DatasetLayoutError(
                     f"line {lineno} is not '<path> <pid> <camid>': {raw!r}",
                     path=list_path,
                     expected=self.layout,
-                ) from None
+                )
+            path, (pid, camid) = fields[0], numbers
+            assert pid is not None and camid is not None
             if pid < JUNK_PID or camid < 0:
                 raise DatasetLayoutError(
                     f"line {lineno}: pid must be >= -1 and camid >= 0: {raw!r}",
@@ -111,10 +112,16 @@ class ImageListDataset(ReidDataset):
         return records
 
 
+def _numeric(names: set[str]) -> bool:
+    """Whether the names are distinct non-negative ASCII integers (then ids are the numbers)."""
+    values = [parse_int(n) for n in names]
+    return all(v is not None and v >= 0 for v in values) and len(set(values)) == len(values)
+
+
 def _sorted_names(names: set[str]) -> list[str]:
-    """Numeric names in numeric order, otherwise lexicographic."""
-    if all(n.lstrip("-").isdigit() for n in names):
-        return sorted(names, key=int)
+    """Numeric names (:func:`_numeric`) in numeric order, otherwise lexicographic."""
+    if _numeric(names):
+        return sorted(names, key=lambda n: (int(n), n))
     return sorted(names)
 
 
@@ -123,7 +130,7 @@ class ImageFolderDataset(ReidDataset):
 
     Each split folder holds one sub-folder per identity. An identity folder holds either
     images directly (all from camera 0) or one sub-folder per camera holding images. Pids are
-    the identity-folder names when all are integers, otherwise the index of the name in the
+    the identity-folder names when all are distinct non-negative integers, otherwise the index of the name in the
     sorted list of identity names over query + gallery (so both splits agree); camera ids are
     the index of the camera-folder name among all camera names, sorted (numerically when all
     are integers). Training pids are relabelled in sorted order. The cross-camera evaluation
@@ -172,7 +179,7 @@ class ImageFolderDataset(ReidDataset):
         cams = _sorted_names({c for items in raw.values() for _, c, _ in items})
         cam_ids = {c: i for i, c in enumerate(cams)}
         test_ids = _sorted_names({i for s in ("query", "gallery") for i, _, _ in raw[s]})
-        test_numeric = all(i.lstrip("-").isdigit() for i in test_ids)
+        test_numeric = _numeric(set(test_ids))
         test_pid = {n: int(n) if test_numeric else k for k, n in enumerate(test_ids)}
         train_ids = {n: k for k, n in enumerate(_sorted_names({i for i, _, _ in raw["train"]}))}
         splits = {

@@ -6,12 +6,19 @@ import os
 import re
 from pathlib import Path
 
-from ev_reid.datasets.base import DatasetLayoutError, ReidDataset, find_dataset_dir, relabel
+from ev_reid.datasets.base import (
+    DatasetLayoutError,
+    ReidDataset,
+    find_dataset_dir,
+    parse_int,
+    read_text_lines,
+    relabel,
+)
 from ev_reid.records import ReidRecord
 
 __all__ = ["MSMT17"]
 
-_NAME = re.compile(r"(\d+)_(\d+)_(\d{2})_")
+_NAME = re.compile(r"([0-9]+)_([0-9]+)_([0-9]{2})_")
 _VERSIONS = {"train": "test", "mask_train_v2": "mask_test_v2"}
 NUM_CAMERAS = 15
 
@@ -24,15 +31,14 @@ LAYOUT = """\
 
 def _read_list(list_path: Path, image_dir: Path) -> list[ReidRecord]:
     """Parse an MSMT17 list file; camera id = third ``_`` field of the name, made 0-based."""
-    if not list_path.is_file():
-        raise DatasetLayoutError("missing list file", path=list_path, expected=LAYOUT)
     records = []
-    for lineno, line in enumerate(list_path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text_lines(list_path, expected=LAYOUT), 1):
         if not line.strip():
             continue
         fields = line.split()
         m = _NAME.match(Path(fields[0]).name)
-        if len(fields) != 2 or not fields[1].lstrip("-").isdigit() or m is None:
+        label = parse_int(fields[1]) if len(fields) == 2 else None
+        if label is None or m is None:
             raise DatasetLayoutError(
                 f"line {lineno} is not '<pid>/<pid>_<idx>_<cam>_....jpg <pid>': {line!r}",
                 path=list_path,
@@ -45,7 +51,7 @@ def _read_list(list_path: Path, image_dir: Path) -> list[ReidRecord]:
                 path=list_path,
                 expected=LAYOUT,
             )
-        pid = int(fields[1])
+        pid = label
         if pid < 0:
             raise DatasetLayoutError(
                 f"line {lineno}: negative pid {pid}", path=list_path, expected=LAYOUT

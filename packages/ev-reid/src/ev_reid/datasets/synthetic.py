@@ -7,6 +7,18 @@ occlusion rate. Images vary in pose (front / back / side, mirrored), stance, pos
 brightness. Identity is therefore recoverable from appearance across cameras, while
 backgrounds and lighting tie images to cameras, as in real re-id data.
 
+Two modes (:attr:`SyntheticMarketConfig.mode`):
+
+- ``"aligned"`` (default): persons are centred with their feet near the bottom and a fixed
+  height per camera, so the upper and lower garments always fall in the same horizontal bands
+  of the crop — the layout horizontal-stripe models (PCB, UP-ReID's local term) assume;
+- ``"unaligned"``: identity cues are *not* stripe-aligned: every image draws its own person
+  scale (0.45-0.95 of the height) and vertical offset (head near the top to feet cut off at
+  the bottom), a horizontal shift, a width/aspect change and a torso/leg proportion change
+  (pose), textured garments (a per-identity noise texture at a random phase), a cluttered
+  background (random shapes, some in garment colours) and a random occluder over the person
+  in half of the images.
+
 The folder follows Market-1501 (``bounding_box_train``, ``bounding_box_test``, ``query``;
 ``0002_c1s1_000451_03.jpg`` names), with junk (pid ``-1``) and distractor (pid ``0000``) images
 in the gallery, so :class:`~ev_reid.datasets.Market1501` reads it.
@@ -21,7 +33,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -73,6 +85,7 @@ class SyntheticMarketConfig:
             ``None``: ``num_ids // 5``.
         seed: everything is a deterministic function of the config.
         jpeg_quality: JPEG quality of the written files.
+        mode: ``"aligned"`` or ``"unaligned"`` identity cues (see the module docstring).
     """
 
     num_ids: int = 100
@@ -84,8 +97,11 @@ class SyntheticMarketConfig:
     num_junk: int | None = None
     seed: int = 0
     jpeg_quality: int = 92
+    mode: Literal["aligned", "unaligned"] = "aligned"
 
     def __post_init__(self) -> None:
+        if self.mode not in ("aligned", "unaligned"):
+            raise ValueError(f"mode must be 'aligned' or 'unaligned', got {self.mode!r}")
         if self.num_ids < 2:
             raise ValueError(f"num_ids must be >= 2, got {self.num_ids}")
         if self.num_ids > 9999:
@@ -138,6 +154,15 @@ class _Identity:
     hat: bool
     build: float
     height: float
+    texture: np.ndarray | None = None  # [T, T] float32 multiplicative garment texture
+
+    def with_texture(self, rng: np.random.Generator) -> _Identity:
+        """This identity with a garment texture (unaligned mode): smooth noise in [0.6, 1.3]."""
+        coarse = rng.uniform(0.0, 1.0, (6, 6)).astype(np.float32)
+        img = Image.fromarray((coarse * 255).astype(np.uint8)).resize((24, 24), Image.BICUBIC)
+        fine = rng.uniform(-0.15, 0.15, (24, 24)).astype(np.float32)
+        tex = np.asarray(img, dtype=np.float32) / 255.0 * 0.55 + 0.65 + fine
+        return dataclasses.replace(self, texture=np.clip(tex, 0.5, 1.4))
 
     @classmethod
     def sample(cls, rng: np.random.Generator) -> _Identity:
@@ -216,13 +241,26 @@ class _Camera:
         )
 
 
+@dataclass(frozen=True)
+class _Placement:
+    """Unaligned mode: where and how one image shows the person."""
+
+    top: float  # person top as a fraction of the image height (may be < 0: head cut off)
+    width: float  # width multiplier (aspect / pose)
+    waist: float  # shift of the torso/leg boundary, fraction of the person height
+
+
 def _render_labels(
-    ident: _Identity, rng: np.random.Generator, size: tuple[int, int], scale: float
+    ident: _Identity,
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    scale: float,
+    place: _Placement | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Label map ``[H, W]`` of one pose of ``ident`` and its upper-pattern mask ``[H, W]``.
 
     The person is centred, ``scale * H`` tall (times the identity's height), feet near the
-    bottom, mirrored with probability 0.5.
+    bottom (or placed by ``place``), mirrored with probability 0.5.
     """
     h, w = size
     labels = Image.new("L", (w, h), _BG)
@@ -232,11 +270,17 @@ def _render_labels(
     y0 = h - ph - h * rng.uniform(0.0, 0.04)
     cx = w / 2.0
     pw = 0.36 * ph * ident.build * (0.72 if view == "side" else 1.0)
+    waist = 0.0
+    if place is not None:
+        y0, pw, waist = place.top * h, pw * place.width, place.waist
     aw = 0.085 * ph * ident.build
     gap = 0.0 if view == "side" else rng.uniform(0.0, 0.08) * ph
     swing = rng.uniform(-0.03, 0.03) * ph
 
     def y(f: float) -> float:
+        # waist shift moves the torso/leg boundary (0.52-0.6) and stretches around it
+        if waist and 0.15 < f < 1.0:
+            f = f + waist * (f - 0.15) / 0.4 if f <= 0.55 else f + waist * (1.0 - f) / 0.45
         return y0 + f * ph
 
     def box(x0: float, f0: float, x1: float, f1: float, label: int) -> None:
@@ -350,20 +394,35 @@ def _compose(
     rng: np.random.Generator,
     size: tuple[int, int],
     zoom: float = 1.0,
+    *,
+    unaligned: bool = False,
 ) -> Image.Image:
-    """One image of ``ident`` (``None``: background only) seen by ``cam``."""
+    """One image of ``ident`` (``None``: background only) seen by ``cam``.
+
+    ``unaligned``: the unaligned mode's placement, clutter and occluders (module docstring).
+    """
     h, w = size
     bh, bw = cam.background.shape[:2]
     oy, ox = int(rng.integers(0, bh - h + 1)), int(rng.integers(0, bw - w + 1))
     img = cam.background[oy : oy + h, ox : ox + w].copy()
+    if unaligned:
+        _clutter(img, rng)
     if ident is not None:
         scale = float(np.clip(cam.scale + rng.normal(0, 0.03), 0.6, 1.0))
+        place = None
+        if unaligned:  # per-image scale, vertical offset, aspect and proportions
+            scale = float(rng.uniform(0.45, 0.95))
+            place = _Placement(
+                top=float(rng.uniform(-0.12 * scale, 1.0 - 0.85 * scale)),
+                width=float(rng.uniform(0.75, 1.3)),
+                waist=float(rng.uniform(-0.08, 0.08)),
+            )
         ch, cw = round(h * zoom), round(w * zoom)
-        labels, mask = _render_labels(ident, rng, (ch, cw), scale)
+        labels, mask = _render_labels(ident, rng, (ch, cw), scale, place)
         if zoom != 1.0:  # a random window of a closer view (fragments: junk, distractors)
             ty, tx = int(rng.integers(0, ch - h + 1)), int(rng.integers(0, cw - w + 1))
             labels, mask = labels[ty : ty + h, tx : tx + w], mask[ty : ty + h, tx : tx + w]
-        dx = int(rng.normal(0, 0.04) * w)
+        dx = int(rng.normal(0, 0.12 if unaligned else 0.04) * w)
         labels, mask = _shift(labels, dx), _shift(mask, dx)
         colours = np.zeros((10, 3), np.float32)
         colours[_SKIN], colours[_HAIR], colours[_UPPER] = ident.skin, ident.hair, ident.upper
@@ -371,6 +430,12 @@ def _compose(
         colours[_BAG], colours[_HAT] = ident.bag_colour, ident.hat_colour
         person = colours[labels]
         person[mask] = ident.upper2
+        if ident.texture is not None:  # textured garments, random phase per image
+            t = ident.texture.shape[0]
+            ty0, tx0 = int(rng.integers(t)), int(rng.integers(t))
+            tex = ident.texture[np.ix_((np.arange(h) + ty0) % t, (np.arange(w) + tx0) % t)]
+            cloth = np.isin(labels, (_UPPER, _SLEEVE, _LOWER))
+            person[cloth] *= tex[cloth][:, None]
         cols = np.nonzero((labels > 0).any(0))[0]
         if cols.size:  # cylindrical shading across the body
             c, half = (cols[0] + cols[-1]) / 2.0, max((cols[-1] - cols[0]) / 2.0, 1.0)
@@ -378,6 +443,10 @@ def _compose(
             person *= shade[None, :, None].astype(np.float32)
         fg = labels > 0
         img[fg] = person[fg]
+    if unaligned and rng.random() < 0.5:  # an occluder anywhere over the person
+        oh, ow = int(h * rng.uniform(0.15, 0.4)), int(w * rng.uniform(0.3, 0.8))
+        y1, x1 = int(rng.integers(0, h - oh + 1)), int(rng.integers(0, w - ow + 1))
+        img[y1 : y1 + oh, x1 : x1 + ow] = _hsv(rng.random(), rng.uniform(0, 0.8), rng.random())
     if rng.random() < cam.occlusion:  # something between camera and person
         if rng.random() < 0.6:
             y0 = int(h * rng.uniform(0.6, 0.8))
@@ -391,6 +460,22 @@ def _compose(
     if cam.blur > 0.05:
         img = _blur3(_blur3(img, cam.blur, 0), cam.blur, 1)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _clutter(img: np.ndarray, rng: np.random.Generator) -> None:
+    """Draw 3-8 random rectangles and ellipses (some in garment-like colours) into ``img``."""
+    h, w = img.shape[:2]
+    canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(3, 9))):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(w // 8, w // 2)), y0 + int(rng.integers(h // 10, h // 3))
+        colour = tuple(int(c) for c in _garment_colour(rng, 0.3))
+        if rng.random() < 0.5:
+            draw.rectangle([x0, y0, x1, y1], fill=colour)
+        else:
+            draw.ellipse([x0, y0, x1, y1], fill=colour)
+    img[:] = np.asarray(canvas, dtype=np.float32)
 
 
 def _blur3(a: np.ndarray, sigma: float, axis: int) -> np.ndarray:
@@ -442,7 +527,11 @@ def generate_synthetic_market(
     if root.exists() and any(root.iterdir()):
         if not marker.is_file():
             raise FileExistsError(f"{root} is not empty and holds no {MARKER}; refusing to write")
-        previous = json.loads(marker.read_text(encoding="utf-8")).get("config")
+        try:
+            info = json.loads(marker.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            info = None  # unreadable marker: treated as another config
+        previous = info.get("config") if isinstance(info, dict) else None
         if previous == _config_dict(cfg):
             return root
         if not overwrite:
@@ -487,6 +576,7 @@ def _generate(out: Path, cfg: SyntheticMarketConfig) -> dict[str, int]:
         name += f"_c{cam + 1}s{int(r.integers(1, 7))}_{frame[cam]:06d}_{int(r.integers(1, 9)):02d}"
         img.save(dirs[folder] / f"{name}.jpg", quality=cfg.jpeg_quality)
 
+    unaligned = cfg.mode == "unaligned"
     n_distract = cfg.num_ids // 2 if cfg.num_distractors is None else cfg.num_distractors
     n_junk = cfg.num_ids // 5 if cfg.num_junk is None else cfg.num_junk
     test_idents = []
@@ -495,6 +585,8 @@ def _generate(out: Path, cfg: SyntheticMarketConfig) -> dict[str, int]:
     ):
         r = np.random.default_rng([cfg.seed, 2, pid])
         ident = _Identity.sample(r)
+        if unaligned:
+            ident = ident.with_texture(np.random.default_rng([cfg.seed, 4, pid]))
         n = int(
             r.integers(max(4, round(cfg.images_per_id * 0.75)), round(cfg.images_per_id * 1.25) + 1)
         )
@@ -505,7 +597,7 @@ def _generate(out: Path, cfg: SyntheticMarketConfig) -> dict[str, int]:
             test_idents.append(ident)
         queried: set[int] = set()
         for cam in per_cam.tolist():
-            img = _compose(ident, cams[cam], r, size)
+            img = _compose(ident, cams[cam], r, size, unaligned=unaligned)
             if is_train:
                 save(img, "bounding_box_train", pid, cam, r)
                 counts["train"] += 1
@@ -520,13 +612,19 @@ def _generate(out: Path, cfg: SyntheticMarketConfig) -> dict[str, int]:
     for _ in range(n_distract):  # background crops or truncated strangers
         cam = int(r.integers(cfg.num_cameras))
         stranger = _Identity.sample(r) if r.random() < 0.5 else None
-        img = _compose(stranger, cams[cam], r, size, zoom=float(r.uniform(1.3, 2.0)))
+        if stranger is not None and unaligned:
+            stranger = stranger.with_texture(r)
+        img = _compose(
+            stranger, cams[cam], r, size, zoom=float(r.uniform(1.3, 2.0)), unaligned=unaligned
+        )
         save(img, "bounding_box_test", 0, cam, r)
         counts["distractors"] += 1
     for _ in range(n_junk):  # fragments of test identities
         cam = int(r.integers(cfg.num_cameras))
         ident = test_idents[int(r.integers(len(test_idents)))]
-        img = _compose(ident, cams[cam], r, size, zoom=float(r.uniform(2.5, 4.0)))
+        img = _compose(
+            ident, cams[cam], r, size, zoom=float(r.uniform(2.5, 4.0)), unaligned=unaligned
+        )
         save(img, "bounding_box_test", -1, cam, r)
         counts["junk"] += 1
     return counts

@@ -10,12 +10,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
+from ev_core.errors import EvError
 from ev_reid.records import ReidRecord
 
 __all__ = ["ImageDataset", "ImageReadError", "read_image"]
 
 
-class ImageReadError(OSError):
+class ImageReadError(EvError, OSError):
     """An image file is missing or cannot be decoded; the message names the path."""
 
 

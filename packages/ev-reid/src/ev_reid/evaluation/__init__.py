@@ -17,6 +17,7 @@ from ev_reid.evaluation.rank import RankResult, evaluate_features, evaluate_rank
 from ev_reid.evaluation.rerank import (
     KnnBackend,
     RerankConfig,
+    RerankConvention,
     average_query_expansion,
     k_reciprocal_rerank,
     k_reciprocal_rerank_topk,
@@ -29,6 +30,7 @@ __all__ = [
     "Metric",
     "RankResult",
     "RerankConfig",
+    "RerankConvention",
     "average_query_expansion",
     "evaluate_features",
     "evaluate_rank",

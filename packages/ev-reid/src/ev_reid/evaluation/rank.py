@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 __all__ = ["RankResult", "evaluate_features", "evaluate_rank"]
 
 _LOG = get_logger(__name__)
-_TIE_BATCH_ENTRIES = 1 << 24
+_TIE_BATCH_ENTRIES = 1 << 22
+_EXTRACT_ENTRIES = 1 << 21  # candidate entries sorted at a time by _count_before
+_SAME_ID_ENTRIES = 1 << 18  # [rows, m] same-id entries handled at a time by _market_chunk
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,6 +139,11 @@ class _Gallery:
         self.counts = counts
         self.offsets = torch.cumsum(counts, 0) - counts
 
+    def count(self, q_pids: torch.Tensor) -> torch.Tensor:
+        """Gallery entries with each query's pid ``[c]`` (0 when the pid is absent)."""
+        pos = torch.searchsorted(self.uniq, q_pids).clamp_(max=self.uniq.numel() - 1)
+        return torch.where(self.uniq[pos] == q_pids, self.counts[pos], 0)
+
     def same_pid(self, q_pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gallery indices with each query's pid: ``(gidx [c, m], valid [c, m])``."""
         pos = torch.searchsorted(self.uniq, q_pids).clamp_(max=self.uniq.numel() - 1)
@@ -177,7 +184,35 @@ def _count_before(
 
     Only entries ``<= s_max[r]`` (the row's largest threshold that matters) are extracted;
     they are sorted by (row, distance) and each threshold is located in its row's segment.
+    Rows are taken in groups of at most :data:`_EXTRACT_ENTRIES` candidates (a single row
+    can exceed it), so the temporaries stay a few tens of MiB whatever the distances.
     """
+    c = dist.shape[0]
+    if dist.device.type == "cpu":
+        counts = torch.from_numpy((dist.numpy() <= s_max.numpy()[:, None]).sum(1))
+    else:
+        counts = (dist <= s_max[:, None]).sum(1)
+    if int(counts.sum()) <= _EXTRACT_ENTRIES:
+        return _count_before_rows(dist, s_max, thr)
+    less = torch.empty(thr.shape, dtype=torch.int64, device=dist.device)
+    leq = torch.empty_like(less)
+    cum = counts.cpu().cumsum(0)
+    start = 0
+    while start < c:
+        base = int(cum[start - 1]) if start else 0
+        stop = int(torch.searchsorted(cum, base + _EXTRACT_ENTRIES, right=True))
+        stop = min(max(stop, start + 1), c)
+        less[start:stop], leq[start:stop] = _count_before_rows(
+            dist[start:stop], s_max[start:stop], thr[start:stop]
+        )
+        start = stop
+    return less, leq
+
+
+def _count_before_rows(
+    dist: torch.Tensor, s_max: torch.Tensor, thr: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_count_before` for one group of rows, all candidates extracted at once."""
     c, g = dist.shape
     m = thr.shape[1]
     if dist.device.type == "cpu":  # numpy's compare + flatnonzero is several times faster here
@@ -216,6 +251,41 @@ def _count_before(
 def _market_chunk(
     dist: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor, gal: _Gallery
 ) -> _ChunkResult:
+    """Per-query AP/INP/first-match rank for ``dist: [c, G]`` (see :func:`_market_rows`).
+
+    The same-id bookkeeping is ``[rows, m]`` per group of rows (``m`` = the largest number of
+    gallery images of one of their identities); rows are grouped so that it never exceeds
+    :data:`_SAME_ID_ENTRIES` entries (one row at a time when a single identity is larger), so
+    memory does not grow with ``m``.
+    """
+    c = dist.shape[0]
+    counts = gal.count(q_pids).clamp_(min=1).cpu()
+    parts: list[_ChunkResult] = []
+    start = 0
+    while start < c:
+        stop = start + 1
+        widest = int(counts[start])
+        while stop < c:
+            wider = max(widest, int(counts[stop]))
+            if wider * (stop + 1 - start) > _SAME_ID_ENTRIES:
+                break
+            widest, stop = wider, stop + 1
+        parts.append(
+            _market_rows(dist[start:stop], q_pids[start:stop], q_camids[start:stop], gal)
+        )
+        start = stop
+    if len(parts) == 1:
+        return parts[0]
+    return _ChunkResult(
+        first_rank=torch.cat([p.first_rank for p in parts]),
+        ap=torch.cat([p.ap for p in parts]),
+        inp=torch.cat([p.inp for p in parts]),
+    )
+
+
+def _market_rows(
+    dist: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor, gal: _Gallery
+) -> _ChunkResult:
     """Per-query AP/INP/first-match rank for ``dist: [c, G]`` (see the module docstring).
 
     For the true match ``j`` of a query, ``rank_j = 1 + #{entries before j}`` where "before"
@@ -233,12 +303,19 @@ def _market_chunk(
     dp = dist.gather(1, gidx)
     inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dev)
 
-    # true matches sorted by (distance, index), first in each row; the rest padded after them
-    order = torch.sort(torch.where(rel, dp, inf), dim=1, stable=True).indices
-    not_rel = (~rel).gather(1, order).to(torch.uint8)
-    order = order.gather(1, torch.sort(not_rel, dim=1, stable=True).indices)
+    # same-id entries sorted by (distance, gallery index): gidx ascends along each row and the
+    # padding sits at the end, so a stable sort by distance gives exactly that order
+    perm = torch.sort(torch.where(valid, dp, inf), dim=1, stable=True).indices
+    rel_s = rel.gather(1, perm)
+    # R: removed entries (same id and camera) before each position, from one cumulative sum
+    rem_s = rem.gather(1, perm).to(torch.int64)
+    rem_before_s = rem_s.cumsum(1) - rem_s
+    # true matches first (in that order), the rest after them
+    compact = torch.sort((~rel_s).to(torch.uint8), dim=1, stable=True).indices
+    order = perm.gather(1, compact)
     thr = torch.where(rel, dp, inf).gather(1, order)  # [c, m]
     thr_idx = gidx.gather(1, order)
+    rem_before = rem_before_s.gather(1, compact)
 
     # L: entries strictly closer than each true match; only entries no farther than the
     # farthest true match can be, so only those are sorted
@@ -256,13 +333,7 @@ def _market_chunk(
             hit = (dist[r] == thr[r, j][:, None]) & (cols[None] < thr_idx[r, j][:, None])
             before[r, j] += hit.sum(1)
 
-    # R: removed entries before each true match
-    if bool(rem.any()):
-        d_r = torch.where(rem, dp, inf)[:, None, :]
-        i_r = gidx[:, None, :]
-        d_j, i_j = thr[:, :, None], thr_idx[:, :, None]
-        earlier = ((d_r < d_j) | ((d_r == d_j) & (i_r < i_j))) & rem[:, None, :]
-        before -= earlier.sum(2)
+    before -= rem_before
 
     rank = before + 1  # ascending along each row for the first n_rel positions
     is_valid = n_rel > 0
@@ -525,7 +596,10 @@ def evaluate_features(
 
         cfg = rerank if isinstance(rerank, RerankConfig) else RerankConfig()
         chunks = rerank_chunks(q, g, metric=m, config=cfg, chunk_size=chunk_size)
-        name = f"rerank({m.value}, k1={cfg.k1}, k2={cfg.k2}, lambda={cfg.lambda_value})"
+        name = (
+            f"rerank({m.value}, k1={cfg.k1}, k2={cfg.k2}, lambda={cfg.lambda_value}, "
+            f"on={cfg.convention.value})"
+        )
     else:
         chunks = iter_distance_chunks(q, g, m, chunk_size)
         name = m.value

@@ -10,15 +10,24 @@ its sparse counterpart; only one chunk of rows of distances exists at a time:
 2. k-reciprocal sets ``R(i, k1)`` and ``R(i, round(k1/2))`` from the neighbour lists; the
    expansion adds ``R(c, k1/2)`` of a member ``c`` when more than 2/3 of it lies in ``R(i, k1)``;
 3. ``V[i, j] = exp(-o(i, j)) / Σ exp(-o(i, ·))`` over the expanded set, stored as a sparse CSR
-   matrix, with ``o(i, j) = d(i, j)² / max_j' d(i, j')²`` (the original code squares the
-   distance and normalises each row by its maximum);
+   matrix, with ``o`` the row-normalised distance of the chosen :class:`RerankConvention`;
 4. local query expansion: ``V ← mean of V over the k2 nearest neighbours`` (sparse product);
 5. Jaccard distance ``1 - m/(2-m)`` with ``m(i, j) = Σ_k min(V[i,k], V[j,k])`` from the sparse
    rows and columns of ``V``; final distance ``(1-λ)·Jaccard + λ·o``.
 
 ``d`` is the evaluation distance (:class:`~ev_reid.evaluation.distance.Metric`: ``1-cos`` or
-squared L2, as torchreid feeds its re-ranking). Memory is ``O(N·(k1 + |R*|·k2))`` plus one chunk
-of ``chunk × N`` distances; no GPU is needed.
+squared L2). Two conventions for ``o`` exist in the wild (:class:`RerankConvention`):
+
+- ``FEATURES`` (default), the original re-ranking run on features (Zhong et al.'s code and
+  reid-strong-baseline's ``re_ranking(probFea, galFea, ...)``): ``o(i, j) = d(i, j) /
+  max_j' d(i, j')`` with ``d`` the squared Euclidean distance of the features (for cosine, the
+  features are L2-normalised, where ``‖a-b‖² = 2(1-cos)``, so ``o`` is the same ratio);
+- ``DISTANCES``, the Python ``re_ranking(q_g_dist, q_q_dist, g_g_dist)`` that torchreid ships:
+  it squares the distances it is given, ``o = d² / max d²``; torchreid passes squared Euclidean
+  distances, so its ``o`` is ``‖a-b‖⁴`` normalised.
+
+The original stores ``V`` in float16; here everything is float64. Memory is
+``O(N·(k1 + |R*|·k2))`` plus one chunk of ``chunk × N`` distances; no GPU is needed.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from ev_reid.evaluation.distance import (
 __all__ = [
     "KnnBackend",
     "RerankConfig",
+    "RerankConvention",
     "average_query_expansion",
     "k_reciprocal_rerank",
     "k_reciprocal_rerank_topk",
@@ -63,6 +73,24 @@ class KnnBackend(str, Enum):  # noqa: UP042 (StrEnum needs Python 3.11)
     FAISS = "faiss"
 
 
+class RerankConvention(str, Enum):  # noqa: UP042 (StrEnum needs Python 3.11)
+    """How the base distance enters re-ranking (see the module docstring).
+
+    ``FEATURES``: the original algorithm on features, ``o = d / max d`` with ``d`` the squared
+    Euclidean (or ``1 - cos``) distance. ``DISTANCES``: torchreid's ``re_ranking`` on given
+    distances, which squares them: ``o = d² / max d²``.
+    """
+
+    FEATURES = "features"
+    DISTANCES = "distances"
+
+
+def _normalised(d: np.ndarray, dmax: np.ndarray, convention: RerankConvention) -> np.ndarray:
+    """Row-normalised distance ``o`` for re-ranking (``dmax`` broadcast against ``d``)."""
+    ratio = d / dmax
+    return ratio * ratio if convention is RerankConvention.DISTANCES else ratio
+
+
 @dataclass(frozen=True)
 class RerankConfig:
     """k-reciprocal re-ranking parameters (defaults from the paper: k1 20, k2 6, λ 0.3).
@@ -71,6 +99,9 @@ class RerankConfig:
         k1: size of the k-reciprocal neighbourhood.
         k2: neighbours averaged by the local query expansion (1 disables it).
         lambda_value: weight of the original distance in the final distance.
+        convention: ``"features"`` (the original on features, default) or ``"distances"``
+            (torchreid's convention of squaring given distances), see
+            :class:`RerankConvention`.
         backend: nearest-neighbour backend.
         chunk_size: rows per distance chunk (default: about 16M distances per chunk).
     """
@@ -78,6 +109,7 @@ class RerankConfig:
     k1: int = 20
     k2: int = 6
     lambda_value: float = 0.3
+    convention: RerankConvention = RerankConvention.FEATURES
     backend: KnnBackend = KnnBackend.TORCH
     chunk_size: int | None = None
 
@@ -89,6 +121,7 @@ class RerankConfig:
         if not 0.0 <= self.lambda_value <= 1.0:
             raise ValueError(f"lambda_value must be in [0, 1], got {self.lambda_value}")
         object.__setattr__(self, "backend", KnnBackend(self.backend))
+        object.__setattr__(self, "convention", RerankConvention(self.convention))
 
 
 def _import_faiss() -> Any:
@@ -204,7 +237,7 @@ def _sparse_weights(
     dmax = np.where(dmax > 0, dmax, 1.0)  # all-identical features: avoid 0/0
     indptr, cols = _expanded_sets(knn, cfg.k1)
     rows = np.repeat(np.arange(n), np.diff(indptr))
-    o = (_pair_distance(x, rows, cols, metric) / dmax[rows]) ** 2
+    o = _normalised(_pair_distance(x, rows, cols, metric), dmax[rows], cfg.convention)
     w = np.exp(-o)
     w /= np.bincount(rows, weights=w, minlength=n)[rows]
     v = sp.csr_matrix((w, cols, indptr), shape=(n, n))
@@ -272,7 +305,7 @@ def rerank_chunks(
         flat = vq.row[rep].astype(np.int64) * ng + j
         tmin = np.bincount(flat, weights=mins, minlength=c * ng).reshape(c, ng)
         jaccard = 1.0 - tmin / (2.0 - tmin)
-        o = (d.double().cpu().numpy() / dmax[start : start + c, None]) ** 2
+        o = _normalised(d.double().cpu().numpy(), dmax[start : start + c, None], cfg.convention)
         yield start, torch.from_numpy((1.0 - lam) * jaccard + lam * o)
 
 

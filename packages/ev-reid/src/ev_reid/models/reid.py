@@ -21,10 +21,12 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import nn
 
+from ev_core.errors import EvError
 from ev_reid.models.pooling import GeneralizedMeanPooling, stripe_pool
 
 __all__ = [
     "BackboneLoadReport",
+    "BackboneWeightsError",
     "ReidModel",
     "ReidModelConfig",
     "ReidOutput",
@@ -88,12 +90,42 @@ class ReidModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReidModelConfig:
-        """Build from a (JSON-loaded) mapping, rejecting unknown keys."""
+        """Build from a (JSON-loaded) mapping, rejecting unknown keys and wrong value types.
+
+        Raises:
+            ValueError: naming the offending key.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"ReidModelConfig must be a mapping, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown ReidModelConfig keys: {unknown}")
+        for key, value in data.items():
+            kind = _JSON_TYPES[key]
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if kind is dict and ok:
+                ok = all(isinstance(k, str) for k in value)
+            if not ok:
+                name = kind.__name__ if isinstance(kind, type) else "a number"
+                raise ValueError(f"ReidModelConfig.{key} must be {name}, got {value!r:.60}")
         return cls(**data)
+
+
+_JSON_TYPES: dict[str, type | tuple[type, ...]] = {
+    "backbone": str,
+    "pretrained": bool,
+    "backbone_kwargs": dict,
+    "last_stride_1": bool,
+    "pooling": str,
+    "gem_p": (int, float),
+    "gem_learnable": bool,
+    "neck": str,
+    "num_classes": int,
+    "num_stripes": int,
+    "eval_feature": str,
+}
+"""JSON value type of each :class:`ReidModelConfig` field (checked by ``from_dict``)."""
 
 
 class ReidOutput(NamedTuple):
@@ -287,17 +319,30 @@ class BackboneLoadReport:
     mismatched: list[str]
 
 
+class BackboneWeightsError(EvError, ValueError):
+    """A weights file does not fit the backbone (or cannot be read); the message names it."""
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     from ev_core.checkpoint import load_checkpoint, load_torch_file, unwrap_state_dict
 
-    if path.suffix == ".safetensors":
-        state, _ = load_checkpoint(path)
-        return dict(state)
-    return unwrap_state_dict(load_torch_file(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state, _ = load_checkpoint(path)
+            return dict(state)
+        return unwrap_state_dict(load_torch_file(path))
+    except Exception as exc:  # SafetensorError, PytorchStreamReader/unpickling errors
+        raise BackboneWeightsError(
+            f"cannot read weights ({path.stat().st_size} bytes; truncated or not a "
+            f"{'safetensors' if path.suffix == '.safetensors' else 'PyTorch'} file): {exc}",
+            path=path,
+        ) from exc
 
 
 def load_backbone_weights(
-    model: ReidModel, path: str | Path, *, prefix: str | None = None
+    model: ReidModel, path: str | Path, *, prefix: str | None = None, strict: bool = True
 ) -> BackboneLoadReport:
     """Initialise ``model.backbone`` from a checkpoint file.
 
@@ -307,9 +352,19 @@ def load_backbone_weights(
     taken under ``prefix`` when given, else under ``"backbone."`` when the file has such keys,
     else as they are (a plain timm model state dict).
 
+    Args:
+        model: the model whose backbone is initialised.
+        path: the weights file.
+        prefix: take the keys under this prefix (default: see above).
+        strict: fail unless every backbone tensor is filled (keys the backbone does not
+            have, e.g. an ImageNet classifier, are always allowed); ``False`` loads what fits
+            and reports the rest.
+
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if no tensor in the file matches the backbone (wrong file or architecture).
+        BackboneWeightsError: (a ``ValueError``) if the file cannot be read, no tensor in it
+            matches the backbone, or, with ``strict``, some backbone tensors are missing or
+            have other shapes (counts and the first names in the message).
     """
     file = Path(path)
     state = _read_state_dict(file)
@@ -321,9 +376,17 @@ def load_backbone_weights(
     loadable = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
     mismatched = sorted(k for k in state if k in target and state[k].shape != target[k].shape)
     if not loadable:
-        raise ValueError(
+        raise BackboneWeightsError(
             f"{file}: no tensor matches the {model.config.backbone!r} backbone "
             f"(file keys e.g. {sorted(state)[:5]}, backbone keys e.g. {sorted(target)[:5]})"
+        )
+    missing = sorted(set(target) - set(state))
+    if strict and (missing or mismatched):
+        raise BackboneWeightsError(
+            f"{file}: only {len(loadable)} of {len(target)} {model.config.backbone!r} backbone "
+            f"tensors can be loaded ({len(missing)} missing, e.g. {missing[:5]}; "
+            f"{len(mismatched)} with other shapes, e.g. {mismatched[:5]}): is it a checkpoint "
+            "of another architecture? Pass --allow-partial (strict=False) to load it anyway"
         )
     model.backbone.load_state_dict(loadable, strict=False)
     return BackboneLoadReport(

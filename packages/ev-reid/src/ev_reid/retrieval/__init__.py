@@ -3,19 +3,21 @@
 from ev_reid.retrieval.index import (
     IndexBackend,
     IndexConfig,
+    IndexFileError,
     ReidIndex,
     SearchHit,
     backend_problems,
     recall_at_k,
-    resolve_backend,
+    select_index_backend,
 )
 
 __all__ = [
     "IndexBackend",
     "IndexConfig",
+    "IndexFileError",
     "ReidIndex",
     "SearchHit",
     "backend_problems",
     "recall_at_k",
-    "resolve_backend",
+    "select_index_backend",
 ]

@@ -2,10 +2,17 @@
 
 Backends (:class:`IndexBackend`):
 
-- ``TORCH``: exact search by chunked matrix products and a tie-stable top-k, on CPU or CUDA;
-  needs nothing beyond torch. Saved as safetensors (:mod:`ev_core.checkpoint`).
+- ``TORCH``: exact search, one matrix product and one ``topk`` per chunk of queries, on CPU or
+  CUDA; needs nothing beyond torch. Equal distances are returned in ascending gallery order
+  (also across the ``k``-th place). Saved as safetensors (:mod:`ev_core.checkpoint`).
 - ``FAISS_FLAT``: exact faiss ``IndexFlatIP`` (cosine, on L2-normalised features) or
-  ``IndexFlatL2`` (squared Euclidean).
+  ``IndexFlatL2`` (squared Euclidean). Tie order (faiss 1.15, checked by
+  ``tests/test_retrieval.py``): within the ``k`` results, equal distances are re-sorted here
+  by ascending gallery index, as with ``TORCH``. *Which* of several entries tied at the
+  ``k``-th place are returned is faiss's choice: ``IndexFlatL2`` keeps the lowest indices
+  (as ``TORCH``), ``IndexFlatIP`` (cosine) keeps a heap-dependent subset that is not the
+  lowest indices. Scores are float32 sums in faiss's own order, so vectors at equal distance
+  in exact arithmetic can also differ in the last bit and then come in either order.
 - ``FAISS_IVFPQ``: approximate inverted lists with product quantisation (trained on the first
   :meth:`ReidIndex.add`).
 - ``FAISS_HNSW``: approximate HNSW graph (CPU only in faiss).
@@ -31,27 +38,23 @@ import numpy as np
 import torch
 
 from ev_core.checkpoint import load_checkpoint, save_checkpoint
+from ev_core.errors import EvError
 from ev_core.io import write_json
-from ev_reid.evaluation.distance import (
-    Metric,
-    pairwise_distance,
-    prepare_features,
-    topk_smallest,
-)
+from ev_reid.evaluation.distance import Metric, prepare_features, topk_smallest
 from ev_reid.records import ReidRecord
 
 __all__ = [
     "IndexBackend",
     "IndexConfig",
+    "IndexFileError",
     "ReidIndex",
     "SearchHit",
     "backend_problems",
     "recall_at_k",
-    "resolve_backend",
+    "select_index_backend",
 ]
 
 _FAISS_HINT = "faiss not installed: pip install ev-reid[faiss]"
-_GALLERY_BLOCK = 1 << 16  # gallery rows per distance block in the torch backend
 _FORMAT_VERSION = 1
 
 
@@ -103,11 +106,19 @@ class IndexConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", IndexBackend(self.backend))
         object.__setattr__(self, "metric", Metric(self.metric))
-        for name in ("pq_m", "pq_bits", "nprobe", "hnsw_m", "ef_construction", "ef_search"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.nlist is not None and self.nlist < 1:
-            raise ValueError(f"nlist must be >= 1, got {self.nlist}")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be a string, got {self.device!r}")
+        names = ("pq_m", "pq_bits", "nprobe", "hnsw_m", "ef_construction", "ef_search")
+        for name in (*names, "query_chunk", "nlist"):
+            value = getattr(self, name)
+            if name == "nlist" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class IndexFileError(EvError, ValueError):
+    """A saved index (``index.json`` and its data file) is missing, corrupt or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -152,8 +163,8 @@ def backend_problems(config: IndexConfig) -> dict[IndexBackend, str]:
     return problems
 
 
-def resolve_backend(config: IndexConfig) -> IndexBackend:
-    """The concrete backend ``config`` selects.
+def select_index_backend(config: IndexConfig) -> IndexBackend:
+    """The concrete index backend ``config`` selects (``AUTO``: faiss flat, else torch).
 
     Raises:
         RuntimeError: naming, for every backend, why it cannot run.
@@ -190,6 +201,14 @@ def recall_at_k(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return float(hit.any(1).sum()) / exact.numel()
 
 
+def _sort_ties_by_index(dist: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``(dist, idx)`` ordered by (distance, index): ``[Q, k]`` sorts, no full pass."""
+    by_idx = torch.sort(idx, dim=1).indices
+    dist, idx = dist.gather(1, by_idx), idx.gather(1, by_idx)
+    by_dist = torch.sort(dist, dim=1, stable=True).indices
+    return dist.gather(1, by_dist), idx.gather(1, by_dist)
+
+
 class ReidIndex:
     """Gallery features plus their :class:`~ev_reid.records.ReidRecord` rows, searchable.
 
@@ -210,7 +229,7 @@ class ReidIndex:
             raise ValueError(f"dim must be >= 1, got {dim}")
         self.dim = dim
         self.config = config or IndexConfig()
-        self.backend = resolve_backend(self.config)
+        self.backend = select_index_backend(self.config)
         self.records: list[ReidRecord] = []
         self._feats: torch.Tensor | None = None  # torch backend
         self._faiss_index: Any = None
@@ -298,22 +317,43 @@ class ReidIndex:
 
     # -- search ---------------------------------------------------------------------------
     def _search_torch(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact search: per chunk of queries one ``q @ g.T`` and one ``topk`` of ``k + 1``.
+
+        Ties are resolved by gallery index without extra passes over the scores in the
+        common case: the ``k`` results are sorted by (distance, index), and only rows whose
+        ``k``-th and ``(k+1)``-th scores are equal (the boundary is ambiguous) are redone
+        with the tie-stable :func:`~ev_reid.evaluation.distance.topk_smallest`.
+        """
         assert self._feats is not None
         g = self._feats
-        out_d, out_i = [], []
+        n = g.shape[0]
+        cosine = self.config.metric is Metric.COSINE
+        g_sq = None if cosine else (g * g).sum(1)
+        out_d = torch.empty((q.shape[0], k), dtype=g.dtype, device=g.device)
+        out_i = torch.empty((q.shape[0], k), dtype=torch.int64, device=g.device)
+        kk = min(k + 1, n)
         for s in range(0, q.shape[0], self.config.query_chunk):
             qc = q[s : s + self.config.query_chunk]
-            cand_d, cand_i = [], []
-            for gs in range(0, g.shape[0], _GALLERY_BLOCK):
-                d = pairwise_distance(qc, g[gs : gs + _GALLERY_BLOCK], self.config.metric)
-                v, i = topk_smallest(d, min(k, d.shape[1]))
-                cand_d.append(v)
-                cand_i.append(i + gs)
-            # blocks are in index order, so equal distances still resolve by gallery index
-            v, pos = topk_smallest(torch.cat(cand_d, 1), k)
-            out_d.append(v)
-            out_i.append(torch.cat(cand_i, 1).gather(1, pos))
-        return torch.cat(out_d).cpu(), torch.cat(out_i).cpu()
+            # score to maximise: q·g (cosine) or 2 q·g - |g|² (= |q|² - squared L2)
+            score = qc @ g.T
+            if g_sq is not None:
+                score.mul_(2.0).sub_(g_sq)
+            val, idx = torch.topk(score, kk, dim=1, largest=True, sorted=True)
+            if kk > k:  # rows whose k-th place ties with the next candidate
+                amb = (val[:, k - 1] == val[:, k]).nonzero()[:, 0]
+                val, idx = val[:, :k], idx[:, :k]
+                if amb.numel():
+                    v2, i2 = topk_smallest(score[amb].neg_(), k)
+                    val[amb], idx[amb] = -v2, i2
+            if cosine:
+                dist = val.neg_().add_(1.0)
+            else:
+                dist = val.neg_().add_((qc * qc).sum(1, keepdim=True))
+            # equal scores: ascending gallery index inside the k results
+            dist, idx = _sort_ties_by_index(dist, idx)
+            out_d[s : s + qc.shape[0]] = dist.clamp_(min=0.0)
+            out_i[s : s + qc.shape[0]] = idx
+        return out_d.cpu(), out_i.cpu()
 
     def search_arrays(self, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest gallery rows of each query.
@@ -331,15 +371,20 @@ class ReidIndex:
         if not 1 <= k <= len(self):
             raise ValueError(f"k must be in [1, {len(self)}], got {k}")
         q = self._prepare(features)
+        if q.shape[0] == 0:  # like faiss: empty results, not an error
+            return torch.empty((0, k), dtype=torch.float32), torch.empty((0, k), dtype=torch.int64)
         if self.backend is IndexBackend.TORCH:
             d, i = self._search_torch(q.to(self.config.device).to(self._feats_dtype()), k)
             return d.float(), i
         arr = np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32)
-        scores, idx = self._faiss_index.search(arr, k)
+        scores, idx_np = self._faiss_index.search(arr, k)
         dist = torch.from_numpy(scores)
+        idx = torch.from_numpy(idx_np).to(torch.int64)
         if self.config.metric is Metric.COSINE:
             dist = (1.0 - dist).clamp_(min=0.0)
-        return dist, torch.from_numpy(idx).to(torch.int64)
+        if self.backend is IndexBackend.FAISS_FLAT:  # equal distances by ascending index
+            dist, idx = _sort_ties_by_index(dist, idx)
+        return dist, idx
 
     def _feats_dtype(self) -> torch.dtype:
         assert self._feats is not None
@@ -397,39 +442,97 @@ class ReidIndex:
         """Read an index written by :meth:`save` (optionally onto another ``device``).
 
         Raises:
-            FileNotFoundError: if ``index.json`` or the data file is missing.
+            IndexFileError: naming the file when ``index.json`` or the data file is missing,
+                unreadable or inconsistent (vectors vs records, dimension, backend).
             RuntimeError: if the saved backend cannot run here (e.g. faiss missing).
         """
         src = Path(directory)
         meta_file = src / "index.json"
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"no index at {src} (expected {meta_file})")
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"unsupported index format {meta.get('format_version')!r}")
-        cfg_dict = dict(meta["config"])
+        dim, cfg_dict, records = _read_index_json(meta_file)
         if device is not None:
             cfg_dict["device"] = device
-        cfg_dict["backend"] = meta["backend"]
-        index = cls(int(meta["dim"]), IndexConfig(**cfg_dict))
-        index.records = [ReidRecord(**r) for r in meta["records"]]
+        try:
+            config = IndexConfig(**cfg_dict)
+        except (TypeError, ValueError) as exc:
+            raise IndexFileError(f"invalid index config: {exc}", path=meta_file) from exc
+        index = cls(dim, config)
+        index.records = records
         if index.backend is IndexBackend.TORCH:
-            state, _ = load_checkpoint(src / "features.safetensors")
-            feats = state["features"].to(index.config.device)
+            data = src / "features.safetensors"
+            try:
+                state, _ = load_checkpoint(data)
+                feats = state["features"]
+            except Exception as exc:  # missing, truncated or not our safetensors file
+                raise IndexFileError(f"cannot read the index features ({exc})", path=data) from exc
+            if feats.ndim != 2 or (feats.shape[0] and feats.shape[1] != dim):
+                raise IndexFileError(
+                    f"features have shape {tuple(feats.shape)}, expected [N, {dim}]", path=data
+                )
+            feats = feats.to(index.config.device)
             index._feats = feats if feats.shape[0] else None
+            n = feats.shape[0]
         else:
             faiss = _import_faiss()
             assert faiss is not None
             data = src / "index.faiss"
+            n = 0
             if index.records:
                 if not data.is_file():
-                    raise FileNotFoundError(f"index data missing: {data}")
-                index._faiss_index = index._maybe_to_gpu(faiss.read_index(str(data)))
+                    raise IndexFileError("index data missing", path=data)
+                try:
+                    raw = faiss.read_index(str(data))
+                except Exception as exc:  # faiss raises RuntimeError on a corrupt file
+                    raise IndexFileError(f"cannot read the faiss index ({exc})", path=data) from exc
+                if int(raw.d) != dim:
+                    raise IndexFileError(f"faiss index has dim {raw.d}, expected {dim}", path=data)
+                index._faiss_index = index._maybe_to_gpu(raw)
                 if index.backend is IndexBackend.FAISS_IVFPQ:
                     faiss.extract_index_ivf(index._faiss_index).nprobe = index.config.nprobe
-        n = index._feats.shape[0] if index._feats is not None else None
-        if n is None and index._faiss_index is not None:
-            n = int(index._faiss_index.ntotal)
-        if (n or 0) != len(index.records):
-            raise ValueError(f"index holds {n} vectors but {len(index.records)} records")
+                n = int(index._faiss_index.ntotal)
+        if n != len(index.records):
+            raise IndexFileError(
+                f"index holds {n} vectors but {len(index.records)} records", path=meta_file
+            )
         return index
+
+
+def _read_index_json(meta_file: Path) -> tuple[int, dict[str, Any], list[ReidRecord]]:
+    """``(dim, config fields with the saved backend, records)`` of an ``index.json``."""
+    if not meta_file.is_file():
+        raise IndexFileError(f"no index at {meta_file.parent} (expected index.json)", path=meta_file)
+    try:
+        meta = json.loads(meta_file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IndexFileError(f"not valid JSON ({exc})", path=meta_file) from exc
+    if not isinstance(meta, dict):
+        raise IndexFileError("must hold a JSON object", path=meta_file)
+    if meta.get("format_version") != _FORMAT_VERSION:
+        raise IndexFileError(
+            f"unsupported index format {meta.get('format_version')!r} (expected "
+            f"{_FORMAT_VERSION})",
+            path=meta_file,
+        )
+    dim, cfg, recs = meta.get("dim"), meta.get("config"), meta.get("records")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise IndexFileError(f"'dim' must be a positive integer, got {dim!r}", path=meta_file)
+    if not isinstance(cfg, dict) or not isinstance(recs, list):
+        raise IndexFileError("needs a 'config' object and a 'records' list", path=meta_file)
+    records = []
+    for i, r in enumerate(recs):
+        try:
+            if not isinstance(r, dict):
+                raise TypeError(f"not an object: {r!r:.40}")
+            rec = ReidRecord(**r)
+            ids = (rec.pid, rec.camid, rec.dsetid)
+            if not isinstance(rec.path, str) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in ids
+            ):
+                raise TypeError("path must be a string, pid, camid and dsetid integers")
+        except TypeError as exc:
+            raise IndexFileError(f"record {i} is invalid: {exc}", path=meta_file) from None
+        records.append(rec)
+    fields = {k: v for k, v in cfg.items() if k in IndexConfig.__dataclass_fields__}
+    fields["backend"] = meta.get("backend")
+    if fields["backend"] not in [b.value for b in IndexBackend if b is not IndexBackend.AUTO]:
+        raise IndexFileError(f"unknown backend {meta.get('backend')!r}", path=meta_file)
+    return dim, fields, records

@@ -19,7 +19,7 @@ __all__ = [
     "TripletLoss",
     "batch_hard_triplet_loss",
     "label_smoothed_cross_entropy",
-    "pairwise_distance",
+    "triplet_distance",
 ]
 
 DistanceMetric = Literal["euclidean", "cosine"]
@@ -75,13 +75,17 @@ class CrossEntropyLabelSmooth(nn.Module):
         return f"epsilon={self.epsilon}"
 
 
-def pairwise_distance(x: torch.Tensor, metric: DistanceMetric = "euclidean") -> torch.Tensor:
-    """All-pairs distances of the rows of ``x``.
+def triplet_distance(x: torch.Tensor, metric: DistanceMetric = "euclidean") -> torch.Tensor:
+    """All-pairs distances of the rows of ``x`` as the triplet loss uses them (differentiable).
+
+    Unlike the evaluation distances (:func:`ev_reid.evaluation.pairwise_distance`, squared L2
+    or ``1 − cos`` between two sets), the triplet loss works on the L2 distance itself, as BoT.
 
     Args:
         x: ``[B, D]``.
-        metric: ``"euclidean"`` (``‖a − b‖₂``; the square is clamped at 1e-12 before the root
-            so the gradient stays finite on the diagonal) or ``"cosine"`` (``1 − cos(a, b)``).
+        metric: ``"euclidean"`` (``‖a − b‖₂``, not squared; the square is clamped at 1e-12
+            before the root so the gradient stays finite on the diagonal) or ``"cosine"``
+            (``1 − cos(a, b)``).
 
     Returns:
         ``[B, B]``.
@@ -128,7 +132,7 @@ def batch_hard_triplet_loss(
             f"expected features [B, D] and labels [B], got {tuple(features.shape)} and "
             f"{tuple(labels.shape)}"
         )
-    dist = pairwise_distance(features, metric)
+    dist = triplet_distance(features, metric)
     same = labels.unsqueeze(0) == labels.unsqueeze(1)
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     pos_mask = same & ~eye

@@ -1,0 +1,402 @@
+"""ev's LITv2-S / LIT-S against the papers' official code, side by side in one run (CPU).
+
+The official models are built from a checkout of github.com/ziplab/LITv2 and ziplab/LIT given on
+the command line (never vendored here); their CUDA-only DCN extension is replaced by a stand-in
+module with the same parameter names that calls ``torchvision.ops.deform_conv2d``. Both models
+get the same random weights (ev's state dict loads into the official model strictly; the DTM
+offset convs get non-zero weights so the deformable sampling is exercised) and the outputs are
+compared before anything is timed.
+
+Every timing is **paired and interleaved**: each repeat runs every candidate once, in rotating
+order, and a candidate's ratio is the median over repeats of (baseline time / its time) in that
+repeat, so a busy machine slows both sides of a pair alike.
+
+Rows (batch 8, 224², ``--threads`` intra-op threads, eval + ``no_grad``):
+
+* LITv2-S: official fp32 eager (baseline), ev fp32 eager, ev bf16 autocast (also / ev fp32),
+  ev ``torch.compile`` (inductor, ``fullgraph=True``, batch dimension marked dynamic; checked to
+  run batch 1, 8 and 32 without recompiling).
+* LIT-S: official fp32 eager (baseline), ev fp32 eager.
+* DTM 96→192 at 56² (LITv2-S stage 1→2): torchvision ``deform_conv2d`` (fp32; under bf16
+  autocast it runs in fp32) vs ev's fast path, fp32 and bf16, and the path ``"auto"`` measures.
+* ``torch.profiler`` tables (top 20 ops by self CPU time) of both LITv2-S forwards.
+* ``--train``: one training step (forward + backward + AdamW, bf16 autocast, batch 8) of each
+  LITv2-S, each in a fresh process, with its peak RSS and the bytes autograd saves.
+
+Usage (official checkouts outside the repository)::
+
+    git clone https://github.com/ziplab/LITv2 /tmp/LITv2
+    git clone https://github.com/ziplab/LIT /tmp/LIT
+    python packages/ev-core/benchmarks/bench_official.py \\
+        --litv2 /tmp/LITv2/classification --lit /tmp/LIT/classification/code_for_lit_s_m_b \\
+        --threads 2 --batch 8 --repeats 10 --train --profile --out official_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+from torchvision.ops import deform_conv2d
+
+import ev_core  # noqa: F401  (registers the ev models)
+from ev_core.io import write_json
+from ev_core.layers.dtm import DTM_PATH_CACHE, DeformableTokenMerging
+from ev_core.repro import environment_info
+
+
+# ----------------------------------------------------------------------------- official code
+class TorchvisionDeformConv2dPack(nn.Module):
+    """Stand-in for the official ``DeformConv2dPack`` (CUDA extension): same parameters
+    (``weight``, ``bias``, ``conv_offset``), computed by ``torchvision.ops.deform_conv2d``."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int,
+        **_: Any,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.stride, self.padding = stride, padding
+        self.weight = nn.Parameter(torch.zeros(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.conv_offset = nn.Conv2d(
+            in_channels, 2 * kernel_size * kernel_size, kernel_size, stride, padding
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        offset = self.conv_offset(x)
+        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding)
+
+
+class TorchvisionDeformConv2dPackLIT(TorchvisionDeformConv2dPack):
+    """The LIT checkout's variant: ``forward(x, return_offset)`` returns ``(out, offset|None)``."""
+
+    def forward(self, x: Tensor, return_offset: bool = False) -> Any:  # type: ignore[override]
+        offset = self.conv_offset(x)
+        out = deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding)
+        return out, (offset if return_offset else None)
+
+
+def load_official(
+    folder: Path, module: str, cls: str, dcn: type[nn.Module] = TorchvisionDeformConv2dPack
+) -> type[nn.Module]:
+    """Import ``models.<module>.<cls>`` from an official checkout's classification folder."""
+    if not (folder / "models" / f"{module}.py").is_file():
+        sys.exit(f"error: {folder}/models/{module}.py not found (pass the checkout's folder)")
+    stub = types.ModuleType("mm_modules.DCN.modules.deform_conv2d")
+    stub.DeformConv2dPack = dcn  # type: ignore[attr-defined]
+    for name in ("mm_modules", "mm_modules.DCN", "mm_modules.DCN.modules"):
+        sys.modules[name] = types.ModuleType(name)
+    sys.modules[stub.__name__] = stub
+    sys.path.insert(0, str(folder))
+    try:
+        model_cls: type[nn.Module] = getattr(importlib.import_module(f"models.{module}"), cls)
+    finally:
+        sys.path.remove(str(folder))
+        for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
+            del sys.modules[name]  # the other checkout also has a package named "models"
+    return model_cls
+
+
+def build_pair(args: argparse.Namespace, name: str) -> tuple[nn.Module, nn.Module]:
+    """(official, ev) models with identical random weights, eval mode."""
+    torch.manual_seed(0)
+    ev = timm.create_model(name, drop_path_rate=0.0).eval()
+    with torch.no_grad():  # trained DTMs have non-zero offsets: exercise the sampling
+        for m in ev.modules():
+            if isinstance(m, DeformableTokenMerging):
+                m.dconv.conv_offset.weight.normal_(0, 0.02)
+                m.dconv.conv_offset.bias.normal_(0, 0.5)
+    if name == "litv2_s":
+        cls = load_official(Path(args.litv2), "litv2", "LITv2")
+        official = cls(depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], alpha=0.9,
+                       local_ws=[0, 0, 2, 1], drop_path_rate=0.0)  # fmt: skip
+    else:
+        cls = load_official(Path(args.lit), "lit", "LIT", TorchvisionDeformConv2dPackLIT)
+        official = cls(depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], drop_path_rate=0.0)
+    official.load_state_dict(ev.state_dict(), strict=True)
+    return official.eval(), ev
+
+
+# ----------------------------------------------------------------------------- timing
+def paired(
+    fns: dict[str, Callable[[], Any]], baseline: str, repeats: int, warmup: int
+) -> dict[str, dict[str, float]]:
+    """Interleaved timing: per repeat every fn once (rotating order); ratio vs ``baseline``."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    out = {}
+    for n in names:
+        ratios = [b / t for b, t in zip(times[baseline], times[n], strict=True)]
+        q = statistics.quantiles(times[n], n=4) if len(times[n]) > 1 else [times[n][0]] * 3
+        out[n] = {
+            "median_ms": 1e3 * statistics.median(times[n]),
+            "iqr_ms": 1e3 * (q[2] - q[0]),
+            "speedup_vs_baseline": statistics.median(ratios),
+            "n": len(times[n]),
+        }
+    return out
+
+
+@contextlib.contextmanager
+def autocast(dtype: torch.dtype | None) -> Iterator[None]:
+    if dtype is None:
+        yield
+    else:
+        with torch.autocast("cpu", dtype=dtype):
+            yield
+
+
+def infer(model: Callable[[Tensor], Tensor], x: Tensor, dtype: torch.dtype | None = None) -> Any:
+    def run() -> Tensor:
+        with torch.no_grad(), autocast(dtype):
+            return model(x)
+
+    return run
+
+
+def compiled_litv2(ev: nn.Module, batch: int, size: int) -> tuple[Callable[..., Tensor], dict]:
+    """``torch.compile`` (inductor, fullgraph) with a dynamic batch; batch 1/8/32 must not
+    recompile (checked with dynamo's ``error_on_recompile``)."""
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+
+    torch._dynamo.reset()
+    fx_config.backed_size_oblivious = True  # batch 1 must not specialise the dynamic batch dim
+    compiled = torch.compile(ev, backend="inductor", fullgraph=True)
+    x = torch.randn(batch, 3, size, size)
+    torch._dynamo.mark_dynamic(x, 0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        compiled(x)
+    info: dict[str, Any] = {"compile_s": time.perf_counter() - t0, "recompiled": False}
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+            for b in (1, 8, 32):
+                compiled(torch.randn(b, 3, size, size))
+    except Exception as exc:  # recorded in the results
+        info["recompiled"] = True
+        info["recompile_error"] = str(exc).splitlines()[0][:300]
+    return compiled, info
+
+
+def profile_table(fn: Callable[[], Any], rows: int = 20) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return str(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+# ----------------------------------------------------------------------------- DTM
+def dtm_rows(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    B, H, C = args.batch, 56, 96
+    dtm = DeformableTokenMerging(C, 2 * C).eval()
+    conv = dtm.dconv
+    with torch.no_grad():
+        conv.conv_offset.weight.normal_(0, 0.02)
+        conv.conv_offset.bias.normal_(0, 0.5)
+    x = torch.randn(B, H, H, C)
+    with torch.no_grad():
+        offset = conv.conv_offset(x.permute(0, 3, 1, 2))
+    xb, ob = x.bfloat16(), offset.bfloat16()
+    convb = DeformableTokenMerging(C, 2 * C).dconv
+    convb.load_state_dict(conv.state_dict())
+    convb.bfloat16()
+
+    def run(c: nn.Module, path: str, xx: Tensor, oo: Tensor, amp: bool = False) -> Any:
+        def f() -> Tensor:
+            with torch.no_grad(), autocast(torch.bfloat16 if amp else None):
+                return c.run_path(path, xx, oo)
+
+        return f
+
+    ref = run(conv, "torchvision", x, offset)()
+    err32 = (run(conv, "fast", x, offset)() - ref).abs().max().item()
+    err16 = (run(convb, "fast", xb, ob)().float() - ref).abs().max().item()
+    fp32 = paired(
+        {"torchvision fp32": run(conv, "torchvision", x, offset),
+         "ev fast fp32": run(conv, "fast", x, offset)},
+        "torchvision fp32", args.repeats * 2, 2,
+    )  # fmt: skip
+    bf16 = paired(
+        {"torchvision bf16 autocast (runs fp32)": run(conv, "torchvision", x, offset, amp=True),
+         "ev fast bf16": run(convb, "fast", xb, ob)},
+        "torchvision bf16 autocast (runs fp32)", args.repeats * 2, 2,
+    )  # fmt: skip
+    DTM_PATH_CACHE.clear()
+    with torch.no_grad():
+        dtm(x.reshape(B, H * H, C), (H, H))
+        with autocast(torch.bfloat16):
+            dtm(x.reshape(B, H * H, C), (H, H))
+    auto = {f"{k[0]} {k[1]} {k[2]}->{k[3]}": v for k, v in DTM_PATH_CACHE.items()}
+    return {"fp32": fp32, "bf16": bf16, "max_abs_err_fp32": err32,
+            "max_abs_err_bf16_vs_fp32": err16, "auto_choice": auto}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- training step
+def train_child(args: argparse.Namespace) -> None:
+    """One process: a bf16-autocast training step of one LITv2-S; prints a JSON line."""
+    torch.set_num_threads(args.threads)
+    official, ev = build_pair(args, "litv2_s")
+    model = (official if args.train_child == "official" else ev).train()
+    del official, ev
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    y = torch.randint(0, 1000, (args.batch,))
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    def step(count: bool = False) -> None:
+        hooks = (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+            if count
+            else contextlib.nullcontext()
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16), hooks:
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(count=True)
+    times = []
+    for _ in range(args.train_steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print(json.dumps({"step_ms": 1e3 * statistics.median(times), "peak_rss_mib": rss / 2**20,
+                      "saved_mib": saved / 2**20}))  # fmt: skip
+
+
+def train_rows(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for who in ("official", "ev"):
+        cmd = [sys.executable, __file__, "--litv2", args.litv2, "--lit", args.lit, "--threads",
+               str(args.threads), "--batch", str(args.batch), "--size", str(args.size),
+               "--train-steps", str(args.train_steps), "--train-child", who]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+        out[who] = json.loads(lines[-1]) if lines else {"error": res.stderr[-2000:]}
+    if "step_ms" in out["official"] and "step_ms" in out["ev"]:
+        out["ev_speedup"] = out["official"]["step_ms"] / out["ev"]["step_ms"]
+        out["ev_rss_ratio"] = out["ev"]["peak_rss_mib"] / out["official"]["peak_rss_mib"]
+        out["ev_saved_ratio"] = out["ev"]["saved_mib"] / out["official"]["saved_mib"]
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def fmt_group(title: str, rows: dict[str, dict[str, float]]) -> str:
+    lines = [f"\n{title}", "| row | median ms (IQR) | speed-up vs baseline |", "|---|---|---|"]
+    for n, r in rows.items():
+        lines.append(f"| {n} | {r['median_ms']:.1f} ({r['iqr_ms']:.1f}) | "
+                     f"{r['speedup_vs_baseline']:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--litv2", required=True, help="ziplab/LITv2 checkout's classification folder")
+    p.add_argument("--lit", required=True, help="ziplab/LIT's classification/code_for_lit_s_m_b")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--skip", nargs="*", default=[], choices=["compile", "lit", "dtm"])
+    p.add_argument("--profile", action="store_true", help="torch.profiler tables of LITv2-S")
+    p.add_argument("--train", action="store_true", help="training step in fresh processes")
+    p.add_argument("--train-steps", type=int, default=3)
+    p.add_argument("--train-child", choices=["official", "ev"], help=argparse.SUPPRESS)
+    p.add_argument("--out", default="benchmark-results/official_cpu.json")
+    args = p.parse_args()
+    if args.train_child:
+        train_child(args)
+        return
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {"metadata": environment_info(), "args": vars(args)}
+    results["metadata"]["load_average"] = list(__import__("os").getloadavg())
+
+    official, ev = build_pair(args, "litv2_s")
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    with torch.no_grad():
+        eq = (official(x[:2]) - ev(x[:2])).abs().max().item()
+    results["litv2_s_max_abs_diff"] = eq
+    print(f"LITv2-S official vs ev, max |diff| of logits: {eq:.2e}", flush=True)
+    fns: dict[str, Callable[[], Any]] = {
+        "official fp32 eager": infer(official, x),
+        "ev fp32 eager": infer(ev, x),
+        "ev bf16 autocast": infer(ev, x, torch.bfloat16),
+    }
+    if "compile" not in args.skip:
+        compiled, info = compiled_litv2(ev, args.batch, args.size)
+        results["compile"] = info
+        print(f"compile: {info}", flush=True)
+        fns["ev fp32 torch.compile"] = infer(compiled, x)
+    rows = paired(fns, "official fp32 eager", args.repeats, args.warmup)
+    base = rows["ev fp32 eager"]["median_ms"]
+    for r in rows.values():
+        r["speedup_vs_ev_fp32"] = base / r["median_ms"]
+    results["litv2_s"] = rows
+    print(fmt_group(f"LITv2-S, batch {args.batch}, {args.threads} threads", rows), flush=True)
+    if args.profile:
+        results["profile_official"] = profile_table(infer(official, x))
+        results["profile_ev"] = profile_table(infer(ev, x))
+        print("\nofficial LITv2-S\n" + results["profile_official"])
+        print("\nev LITv2-S\n" + results["profile_ev"], flush=True)
+    del official, ev, fns
+
+    if "lit" not in args.skip:
+        official, ev = build_pair(args, "lit_s")
+        with torch.no_grad():
+            results["lit_s_max_abs_diff"] = (official(x[:2]) - ev(x[:2])).abs().max().item()
+        rows = paired({"official fp32 eager": infer(official, x), "ev fp32 eager": infer(ev, x)},
+                      "official fp32 eager", args.repeats, args.warmup)  # fmt: skip
+        results["lit_s"] = rows
+        print(f"LIT-S max |diff|: {results['lit_s_max_abs_diff']:.2e}")
+        print(fmt_group("LIT-S", rows), flush=True)
+        del official, ev
+    if "dtm" not in args.skip:
+        results["dtm"] = dtm_rows(args)
+        print(fmt_group("DTM 96->192, 56x56 fp32", results["dtm"]["fp32"]))
+        print(fmt_group("DTM bf16", results["dtm"]["bf16"]))
+        print("auto path:", results["dtm"]["auto_choice"], flush=True)
+    if args.train:
+        results["train"] = train_rows(args)
+        print("training step:", json.dumps(results["train"], indent=1), flush=True)
+    if not math.isfinite(results["litv2_s_max_abs_diff"]):
+        sys.exit("error: non-finite outputs")
+    print(f"wrote {write_json(Path(args.out), results)}")
+
+
+if __name__ == "__main__":
+    main()

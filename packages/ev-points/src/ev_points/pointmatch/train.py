@@ -1,0 +1,305 @@
+"""PointMatch training (and the labelled-points-only baseline) on ``ev_core.training.Engine``.
+
+Per step, on a batch of point subsets drawn from the training scenes (every labelled point of
+a scene is always in its subset):
+
+* weak view (rotation, flip, scale, jitter) and strong view (weak + jitter, smooth distortion,
+  colour changes) of the same points;
+* ``CE(student(weak), y) + CE(student(strong), y)`` on the labelled points;
+* the EMA teacher (``engine.ema``) on the weak view gives pseudo-labels (confidence ≥
+  ``threshold``, labels propagated to their nearest neighbours where the teacher agrees,
+  :func:`~ev_points.pointmatch.labels.pseudo_labels`);
+* ``+ λ(t) · CE(student(strong), pseudo)``, λ ramped linearly over the first
+  ``rampup_fraction`` of the steps.
+
+``method="labelled-only"`` trains on ``CE(student(weak), y)`` alone (the baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ev_core.errors import EvError
+from ev_core.training import Engine, EngineConfig, FitResult, Hook
+from ev_points.data.scene import IGNORE_INDEX, PointScene
+from ev_points.metrics import SegmentationMeter
+from ev_points.models import PointUNet, PointUNetConfig
+from ev_points.pointmatch.augment import AugmentConfig, strong_view, weak_view
+from ev_points.pointmatch.labels import pseudo_labels, weak_label_mask
+
+__all__ = [
+    "METHODS",
+    "PointMatchConfig",
+    "TrainOutcome",
+    "WeakLabelDataset",
+    "evaluate",
+    "predict_scene",
+    "train_pointmatch",
+]
+
+METHODS = ("pointmatch", "labelled-only")
+
+
+@dataclass
+class PointMatchConfig:
+    """Everything a PointMatch (or baseline) run needs; dumped to ``out_dir/config.json``.
+
+    Attributes:
+        method: ``"pointmatch"`` or ``"labelled-only"``.
+        label_ratio: fraction of each scene's points labelled (0.001 = "0.1 %").
+        points_per_class: label this many points per class instead (``label_ratio=None``).
+        label_seed: seed of the weak-label choice.
+        num_points: points per training sample (a random subset of a scene).
+        batch_size: samples per step.
+        steps: optimizer steps.
+        lr / weight_decay: AdamW with a cosine schedule.
+        threshold: teacher confidence needed for a pseudo-label.
+        propagate_k: neighbours a label spreads to where the teacher agrees.
+        consistency_weight: λ after the ramp-up.
+        rampup_fraction: share of the steps over which λ rises linearly from 0.
+        ema_decay: teacher decay (timm warm-up on).
+        model: the :class:`PointUNetConfig` (``num_classes`` is set from the data).
+        augment: the views.
+        engine: device/AMP/checkpointing (``max_steps`` is set from ``steps``).
+    """
+
+    method: str = "pointmatch"
+    label_ratio: float | None = 0.001
+    points_per_class: int | None = None
+    label_seed: int = 0
+    num_points: int = 4096
+    batch_size: int = 4
+    steps: int = 2000
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    threshold: float = 0.9
+    propagate_k: int = 8
+    consistency_weight: float = 1.0
+    rampup_fraction: float = 0.1
+    ema_decay: float = 0.999
+    model: PointUNetConfig = field(default_factory=PointUNetConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise EvError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.num_points < 8:
+            raise EvError("steps and batch_size must be >= 1 and num_points >= 8")
+        if not 0 <= self.threshold <= 1:
+            raise EvError(f"threshold must be in [0, 1], got {self.threshold}")
+
+
+class WeakLabelDataset(Dataset):
+    """Random ``num_points`` subsets of the scenes; only the weak labels are exposed.
+
+    Each item: ``{"xyz" [n, 3] f32, "rgb" [n, 3] f32 in 0..1, "label" [n] i64 (-1 = unlabelled),
+    "target" [n] i64 (full labels, for monitoring only)}``. Draws use torch's RNG (seeded by the
+    engine every epoch).
+    """
+
+    def __init__(
+        self,
+        scenes: Sequence[PointScene],
+        masks: Sequence[np.ndarray],
+        num_points: int,
+        length: int,
+    ) -> None:
+        if not scenes:
+            raise EvError("no training scenes")
+        self.scenes, self.num_points, self.length = list(scenes), num_points, length
+        self.xyz = [torch.from_numpy(s.coord) for s in scenes]
+        self.rgb = [torch.from_numpy(s.color).float() / 255 for s in scenes]
+        self.target = [torch.from_numpy(s.segment.astype(np.int64)) for s in scenes]
+        self.label = [
+            torch.where(torch.from_numpy(m), t, IGNORE_INDEX)
+            for m, t in zip(masks, self.target, strict=True)
+        ]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        s = i % len(self.scenes)
+        p = self.xyz[s].shape[0]
+        labelled = (self.label[s] >= 0).nonzero(as_tuple=True)[0]
+        n = self.num_points
+        if p >= n:
+            pick = torch.randperm(p)[:n]
+            missing = labelled[~torch.isin(labelled, pick)][:n]
+            if len(missing):  # keep every labelled point: replace unlabelled picks
+                free = (~torch.isin(pick, labelled)).nonzero(as_tuple=True)[0][: len(missing)]
+                pick[free] = missing
+        else:
+            pick = torch.cat([torch.randperm(p), torch.randint(0, p, (n - p,))])
+        return {
+            "xyz": self.xyz[s][pick],
+            "rgb": self.rgb[s][pick],
+            "label": self.label[s][pick],
+            "target": self.target[s][pick],
+        }
+
+
+def _ramp(engine: Engine, cfg: PointMatchConfig) -> float:
+    total = max(1, int(cfg.rampup_fraction * cfg.steps))
+    return cfg.consistency_weight * min(1.0, engine.state.step / total)
+
+
+def make_step_fn(cfg: PointMatchConfig):
+    """The step function for :meth:`Engine.fit` (see the module docstring)."""
+
+    def step(model: torch.nn.Module, batch: dict[str, Tensor], engine: Engine) -> dict[str, Tensor]:
+        batch = engine.to_device(batch)
+        xyz, rgb, label = batch["xyz"], batch["rgb"], batch["label"]
+        wx, wf = weak_view(xyz, rgb, cfg.augment)
+        raw = engine.raw_model
+        w_pyr = raw.pyramid(wx)
+        logits_w = model(wx, wf, w_pyr)
+        has = label >= 0
+        zero = logits_w.sum() * 0
+        sup_w = F.cross_entropy(logits_w[has].float(), label[has]) if has.any() else zero
+        if cfg.method == "labelled-only":
+            return {"loss": sup_w, "loss_labelled": sup_w.detach()}
+        sx, sf = strong_view(wx, wf, cfg.augment)
+        logits_s = model(sx, sf, raw.pyramid(sx))
+        sup_s = F.cross_entropy(logits_s[has].float(), label[has]) if has.any() else zero
+        with torch.no_grad():
+            teacher = engine.ema.module if engine.ema is not None else raw
+            probs = teacher(wx, wf, w_pyr).float().softmax(-1)
+            pseudo = pseudo_labels(
+                probs, wx, label, threshold=cfg.threshold, propagate_k=cfg.propagate_k
+            )
+        valid = pseudo >= 0
+        unsup = F.cross_entropy(logits_s[valid].float(), pseudo[valid]) if valid.any() else zero
+        lam = _ramp(engine, cfg)
+        target = batch["target"]
+        known = valid & (target >= 0)
+        acc = (pseudo[known] == target[known]).float().mean() if known.any() else zero.detach()
+        return {
+            "loss": sup_w + sup_s + lam * unsup,
+            "loss_labelled": (sup_w + sup_s).detach() / 2,
+            "loss_pseudo": unsup.detach(),
+            "pseudo_ratio": valid.float().mean(),
+            "pseudo_acc": acc,
+            "lambda": torch.tensor(lam),
+        }
+
+    return step
+
+
+@torch.no_grad()
+def predict_scene(
+    model: PointUNet, scene: PointScene, device: torch.device | str = "cpu"
+) -> np.ndarray:
+    """Class of every point of ``scene`` (one forward over the whole scene)."""
+    model.eval()
+    xyz = torch.from_numpy(scene.coord)[None].to(device)
+    rgb = (torch.from_numpy(scene.color).float() / 255)[None].to(device)
+    return model(xyz, rgb).argmax(-1)[0].cpu().numpy()
+
+
+def evaluate(
+    model: PointUNet,
+    scenes: Sequence[PointScene],
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """mIoU / OA / mAcc / per-class IoU over ``scenes`` (all points, no test-time augmentation)."""
+    meter = SegmentationMeter(num_classes, IGNORE_INDEX, class_names)
+    was_training = model.training
+    for scene in scenes:
+        meter.update(predict_scene(model, scene, device), scene.segment)
+    model.train(was_training)
+    out = meter.compute()
+    out["protocol"] = "all original points, no TTA"
+    return out
+
+
+@dataclass
+class TrainOutcome:
+    """What :func:`train_pointmatch` returns."""
+
+    model: PointUNet
+    teacher: PointUNet | None
+    fit: FitResult
+    labelled_points: int
+    total_points: int
+    history: list[dict[str, Any]]
+
+
+class _EvalHook(Hook):
+    def __init__(self, scenes, num_classes, names):
+        self.scenes, self.num_classes, self.names = scenes, num_classes, names
+
+    def on_eval(self, engine: Engine, epoch: int) -> dict[str, float] | None:
+        model = engine.ema.module if engine.ema is not None else engine.raw_model
+        res = evaluate(model, self.scenes, self.num_classes, self.names, engine.device)
+        return {"val_miou": res["miou"], "val_oa": res["oa"]}
+
+
+def train_pointmatch(
+    scenes: Sequence[PointScene],
+    num_classes: int,
+    config: PointMatchConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    eval_scenes: Sequence[PointScene] | None = None,
+    class_names: Sequence[str] | None = None,
+    resume: bool = True,
+) -> TrainOutcome:
+    """Train a :class:`PointUNet` on weakly labelled ``scenes`` with PointMatch or the baseline.
+
+    The weak labels are drawn by :func:`weak_label_mask` from ``config.label_seed``. With
+    ``out_dir`` the engine writes ``config.json``, ``metrics.jsonl`` and resumable checkpoints.
+    """
+    cfg = config or PointMatchConfig()
+    model_cfg = dataclasses.replace(cfg.model, num_classes=num_classes)
+    cfg = dataclasses.replace(cfg, model=model_cfg)
+    masks = [
+        weak_label_mask(
+            s, ratio=cfg.label_ratio, per_class=cfg.points_per_class, seed=cfg.label_seed
+        )
+        for s in scenes
+    ]
+    engine_cfg = dataclasses.replace(
+        cfg.engine,
+        max_steps=cfg.steps,
+        epochs=max(cfg.engine.epochs, 10**6),
+        ema_decay=cfg.ema_decay if cfg.method == "pointmatch" else cfg.engine.ema_decay,
+        ema_warmup=True,
+        eval_every=cfg.engine.eval_every if eval_scenes else 0,
+    )
+    torch.manual_seed(cfg.engine.seed)
+    model = PointUNet(model_cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
+    samples = cfg.batch_size * max(1, min(cfg.steps, 50))  # an "epoch" of at most 50 steps
+    data = WeakLabelDataset(scenes, masks, cfg.num_points, samples)
+    gen = torch.Generator().manual_seed(cfg.engine.seed)
+    loader = DataLoader(
+        data, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=True
+    )
+    hooks = [_EvalHook(list(eval_scenes), num_classes, class_names)] if eval_scenes else []
+    engine = Engine(model, optimizer, engine_cfg, scheduler=scheduler, out_dir=out_dir, hooks=hooks,
+                    run_config=cfg, model_config=dataclasses.asdict(model_cfg), name=cfg.method)  # fmt: skip
+    fit = engine.fit(loader, make_step_fn(cfg), resume=resume)
+    teacher = engine.ema.module if engine.ema is not None else None
+    return TrainOutcome(
+        model=engine.raw_model,  # type: ignore[arg-type]
+        teacher=teacher,  # type: ignore[arg-type]
+        fit=fit,
+        labelled_points=int(sum(m.sum() for m in masks)),
+        total_points=int(sum(len(s) for s in scenes)),
+        history=list(fit.history),
+    )
