@@ -116,3 +116,31 @@ def test_cli_train_eval_and_errors(tmp_path: Path) -> None:
     assert missing.stderr.strip().count("\n") == 0 and "nope.safetensors" in missing.stderr
     no_lists = _cli("train", "--out", str(tmp_path / "x"), "--benchmark", "office_home")
     assert no_lists.returncode == 2 and "--list-dir" in no_lists.stderr
+
+
+def _ddp_worker(rank: int, world_size: int, out: str) -> None:
+    from ev_adapt.data import SSDABatches
+
+    data = digits_shift(seed=0, shots=1)
+    batches = SSDABatches(data, steps=2, source_batch=4, target_batch=4, unlabeled_batch=4)
+    batches.generator.manual_seed(0)
+    first = next(iter(batches))
+    torch.manual_seed(0)
+    model = build_model(MODEL)
+    result = train_adaptation(data, model, _config("mcl", steps=8), None, MODEL)
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    torch.save(
+        {"first_source": first.source, "params": params, "final": result.final}, f"{out}.{rank}"
+    )
+
+
+def test_ddp_two_processes(tmp_path: Path) -> None:
+    from ev_testing import run_distributed
+
+    out = str(tmp_path / "ddp")
+    run_distributed(_ddp_worker, out, world_size=2)
+    r0, r1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
+    assert not torch.equal(r0["first_source"], r1["first_source"])  # each rank its own images
+    for key, value in r0["params"].items():  # DDP keeps the replicas' weights identical
+        assert torch.equal(value, r1["params"][key]), key
+    assert r0["final"]["step"] == r1["final"]["step"] == 8.0

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ev_adapt.data.domains import DomainData
@@ -43,6 +44,8 @@ class SSDABatches:
 
     Sampling is with replacement from each pool, driven by :attr:`generator` (which
     :class:`~ev_core.training.Engine` seeds every epoch), so skipping batches costs nothing.
+    Under ``torch.distributed`` each rank draws its own batches (the rank is mixed into the
+    stream), so a 2-process run sees twice the images per step.
 
     Args:
         data: the scenario.
@@ -73,7 +76,12 @@ class SSDABatches:
         return self.steps
 
     def __iter__(self) -> Iterator[SSDABatch]:
-        sizes, gen = self.data.sizes, self.generator
+        sizes = self.data.sizes
+        gen = self.generator
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if rank:
+            base = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+            gen = torch.Generator().manual_seed(base + rank)
         for _ in range(self.steps):
             yield SSDABatch(
                 source=torch.randint(sizes["source"], (self.source_batch,), generator=gen),
