@@ -284,3 +284,156 @@ def test_ddp_two_processes_equal_single_process(tmp_path: Path) -> None:
     engine.fit(DataLoader(TensorDataset(x, y), batch_size=8), _ce)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(ddp_state[key], value, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- review fixes
+def _fit_steps(tmp: Path | None, steps: int, **kw: object) -> Engine:
+    model = _model()
+    engine = Engine(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        EngineConfig(epochs=10, max_steps=steps, log_every=1),
+        out_dir=tmp,
+    )
+    engine.fit(_data(), _ce, **kw)  # type: ignore[arg-type]
+    return engine
+
+
+def test_fresh_start_in_a_used_folder_discards_the_old_run(tmp_path: Path) -> None:
+    # an old run reached step 12; a fresh run (resume=False) must not be pruned in its favour,
+    # and a later resume must continue the new run, not the old one
+    _fit_steps(tmp_path, 12)
+    engine = _fit_steps(tmp_path, 2, resume=False)
+    latest = engine.latest_checkpoint()
+    assert latest is not None and latest.name == "step-00000002"
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step-00000002"]
+
+
+def test_resume_from_an_older_checkpoint_drops_the_newer_ones(tmp_path: Path) -> None:
+    first = _fit_steps(tmp_path, 4)  # epoch 1 ends at step 4: checkpoint step-00000004
+    old = first.latest_checkpoint()
+    _fit_steps(tmp_path, 8)  # continues to step 8
+    engine = _fit_steps(tmp_path, 6, resume=old)
+    latest = engine.latest_checkpoint()
+    assert latest is not None and latest.name == "step-00000006"
+
+
+class _EvalRecorder(Hook):
+    """A hook whose state changes in on_eval/on_epoch_end (e.g. best-accuracy tracking)."""
+
+    def __init__(self, fail_at_epoch: int | None = None) -> None:
+        self.evals: list[int] = []
+        self.ends: list[int] = []
+        self.fail_at_epoch = fail_at_epoch
+
+    def on_epoch_end(self, engine: Engine, epoch: int) -> None:
+        self.ends.append(epoch)
+
+    def on_eval(self, engine: Engine, epoch: int) -> dict[str, float]:
+        if epoch == self.fail_at_epoch:
+            raise KeyboardInterrupt  # the process dies during the evaluation
+        self.evals.append(epoch)
+        return {"acc": float(epoch)}
+
+    def state_dict(self) -> dict[str, object]:
+        return {"evals": list(self.evals), "ends": list(self.ends)}
+
+    def load_state_dict(self, state: object) -> None:
+        self.evals = list(state["evals"])  # type: ignore[index]
+        self.ends = list(state["ends"])  # type: ignore[index]
+
+
+@pytest.mark.parametrize("fail_at_epoch", [None, 1])
+def test_epoch_end_hooks_and_eval_survive_a_kill_after_the_epoch_checkpoint(
+    tmp_path: Path, fail_at_epoch: int | None
+) -> None:
+    def run(hook: _EvalRecorder, stop: int | None = None) -> Engine:
+        model = _model()
+        engine = Engine(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            EngineConfig(epochs=3, log_every=1),
+            out_dir=tmp_path,
+            hooks=[hook],
+        )
+        engine.fit(_data(), _ce, stop_at_step=stop)
+        return engine
+
+    if fail_at_epoch is None:  # killed after epoch 1's evaluation, before the next checkpoint
+        run(_EvalRecorder(), stop=4)
+        run(_EvalRecorder(), stop=8)  # a later checkpoint at step 8 (epoch 2's end) ...
+        latest = tmp_path / "checkpoints" / "step-00000008"
+        assert latest.is_dir()
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            run(_EvalRecorder(fail_at_epoch=fail_at_epoch))
+    hook = _EvalRecorder()
+    run(hook)
+    assert hook.ends == [0, 1, 2] and hook.evals == [0, 1, 2]
+    evals = [
+        json.loads(line)["epoch"]
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if "eval" in json.loads(line)
+    ]
+    assert evals == [0, 1, 2]
+
+
+def test_resume_mid_log_window_logs_the_same_means(tmp_path: Path) -> None:
+    def run(out: Path, stop: int | None) -> list[dict[str, object]]:
+        model = _model()
+        engine = Engine(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            EngineConfig(epochs=1, log_every=4, checkpoint_every=2),
+            out_dir=out,
+        )
+        engine.fit(_data(64), _ce, stop_at_step=stop)
+        metrics = out / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        return [json.loads(s) for s in lines]
+
+    full = run(tmp_path / "full", None)
+    assert run(tmp_path / "split", 2) == []  # the window of steps 1-2 is saved, not logged
+    split = run(tmp_path / "split", None)
+    assert [r["step"] for r in split] == [r["step"] for r in full] == [4, 8]
+    for a, b in zip(full, split):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
+
+
+def test_fit_again_in_process_without_out_dir_continues_the_epoch() -> None:
+    whole = _fit_steps(None, 6)
+    split = _fit_steps(None, 6, stop_at_step=2)
+    split.fit(_data(), _ce)
+    _assert_same(whole.raw_model.state_dict(), split.raw_model.state_dict())
+
+
+def test_interrupted_resave_of_the_same_step_keeps_a_complete_checkpoint(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, keep=1)
+    manager.save(5, lambda folder: (folder / "x").write_text("old"))
+    # the same step saved again, killed between moving the old folder aside and the new in
+    manager.begin(5)
+    (manager.partial_dir(5) / "x").write_text("new")
+    (manager.partial_dir(5) / "COMPLETE").write_text("5\n")
+    (tmp_path / "step-00000005").rename(tmp_path / ".step-00000005.trash")
+    manager.cleanup()
+    latest = manager.latest()
+    assert latest is not None and latest.name == "step-00000005"
+    assert (latest / "x").read_text() == "new"
+
+
+@pytest.mark.gpu
+def test_resume_on_cuda_restores_rng(tmp_path: Path) -> None:
+    def run(stop: int | None) -> Engine:
+        model = _model()
+        engine = Engine(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            EngineConfig(epochs=2, checkpoint_every=1, device="cuda", amp="off"),
+            out_dir=tmp_path,
+        )
+        engine.fit(_data(), _ce, stop_at_step=stop)
+        return engine
+
+    run(2)
+    assert run(None).state.step == 8  # state.pt's RNG tensors must be restored on the CPU

@@ -30,7 +30,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.001, 0.0001])
+    ap.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=[0.001, 0.0001],
+        help="label ratios; a value >= 1 means N points per class",
+    )
     ap.add_argument("--train-scenes", type=int, default=12)
     ap.add_argument("--val-scenes", type=int, default=6)
     ap.add_argument("--scene-points", type=int, default=4096)
@@ -49,7 +55,8 @@ def main() -> None:
         for ratio in args.ratios:
             for method in ("labelled-only", "pointmatch"):
                 cfg = PointMatchConfig(
-                    method=method, label_ratio=ratio, label_seed=seed, num_points=args.num_points, batch_size=4,
+                    method=method, label_ratio=None if ratio >= 1 else ratio,
+                    points_per_class=int(ratio) if ratio >= 1 else None, label_seed=seed, num_points=args.num_points, batch_size=4,
                     steps=args.steps, lr=5e-3, ema_decay=0.99, model=PointUNetConfig.tiny(n),
                     engine=EngineConfig(device="cpu", amp="off", seed=seed, log_every=10**6, eval_every=0),
                 )  # fmt: skip
@@ -64,7 +71,8 @@ def main() -> None:
     for ratio in args.ratios:
         for method in ("labelled-only", "pointmatch"):
             vals = [r["miou"] for r in runs if r["ratio"] == ratio and r["method"] == method]
-            summary[f"{method} @ {100 * ratio:g}%"] = {
+            setting = f"{int(ratio)} per class" if ratio >= 1 else f"{100 * ratio:g}%"
+            summary[f"{method} @ {setting}"] = {
                 "miou_mean": statistics.mean(vals),
                 "miou_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                 "runs": len(vals),

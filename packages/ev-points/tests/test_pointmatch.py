@@ -67,6 +67,7 @@ def test_views_keep_point_order_and_shape() -> None:
     xyz = torch.rand(2, 100, 3) * 4
     rgb = torch.rand(2, 100, 3)
     wx, wf = weak_view(xyz, rgb, AugmentConfig(jitter=0.0, scale=(1.0, 1.0)))
+
     # a rigid motion (rotation/flip about the centroid): pairwise distances unchanged
     def pairwise(p: torch.Tensor) -> torch.Tensor:
         p = p.double()
@@ -107,7 +108,7 @@ def test_unet_shapes_and_gradients() -> None:
 
 def _run(method: str, scenes, steps: int):
     cfg = PointMatchConfig(
-        method=method, label_ratio=0.002, num_points=512, batch_size=4, steps=steps, lr=5e-3, ema_decay=0.99,
+        method=method, label_ratio=None, points_per_class=1, num_points=512, batch_size=4, steps=steps, lr=5e-3, ema_decay=0.99,
         model=PointUNetConfig.tiny(len(SYNTHETIC_CLASSES)),
         engine=EngineConfig(device="cpu", amp="off", seed=0, log_every=10**6, eval_every=0),
     )  # fmt: skip
@@ -116,11 +117,13 @@ def _run(method: str, scenes, steps: int):
 
 @pytest.mark.slow
 def test_pointmatch_beats_labelled_only_on_synthetic_scenes() -> None:
+    # one labelled point per class and room (the "N per class" setting): the regime where the
+    # short run separates the methods (at 0.1 % / 0.01 % see BENCHMARKS.md)
     sc = SyntheticSceneConfig(num_points=1024)
-    train = make_synthetic_scenes(12, 0, sc)
+    train = make_synthetic_scenes(10, 0, sc)
     val = make_synthetic_scenes(4, 10_000, sc)
-    base = _run("labelled-only", train, 120)
-    pm = _run("pointmatch", train, 120)
+    base = _run("labelled-only", train, 100)
+    pm = _run("pointmatch", train, 100)
     assert base.labelled_points == pm.labelled_points
     base_miou = evaluate(base.model, val, 7)["miou"]
     pm_miou = evaluate(pm.teacher, val, 7)["miou"]

@@ -110,7 +110,8 @@ def build_fastreid_cython(pyx: Path | None) -> tuple[Any | None, str]:
         spec = importlib.util.find_spec("fastreid")
         if spec is None or not spec.submodule_search_locations:
             return None, "fastreid is not installed (pip install fastreid==1.4.0 --no-deps)"
-        pyx = Path(list(spec.submodule_search_locations)[0]) / "evaluation/rank_cylib/rank_cy.pyx"
+        pyx = Path(next(iter(spec.submodule_search_locations)))
+        pyx = pyx / "evaluation/rank_cylib/rank_cy.pyx"
     if not pyx.is_file():
         return None, f"no rank_cy.pyx at {pyx}"
     if importlib.util.find_spec("Cython") is None:

@@ -109,9 +109,7 @@ def _table(runs: list[dict[str, Any]], modes: list[str], variants: list[str]) ->
             pre_s = statistics.fmean(r["pretrain_s"] for r in rows)
             ft_s = statistics.fmean(r["finetune_s"] for r in rows)
             summary.setdefault(mode, {})[variant] = stats
-            lines.append(
-                f"| {mode} | {variant} | {' | '.join(cells)} | {pre_s:.0f} | {ft_s:.0f} |"
-            )
+            lines.append(f"| {mode} | {variant} | {' | '.join(cells)} | {pre_s:.0f} | {ft_s:.0f} |")
     return "\n".join(lines), summary
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from ev_reid.evaluation import rank as rank_module
 from ev_reid.evaluation import (
     ROW_BLOCK,
     RankResult,
@@ -17,6 +16,7 @@ from ev_reid.evaluation import (
     pairwise_distance,
     prepare_features,
 )
+from ev_reid.evaluation import rank as rank_module
 
 
 def reference_market(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):

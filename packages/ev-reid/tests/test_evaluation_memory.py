@@ -12,8 +12,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 _CHILD = textwrap.dedent(
     """
     import json, resource, sys, time
@@ -63,4 +61,3 @@ def test_evaluation_memory_bounded_when_one_identity_has_many_images() -> None:
     out = _run(256, 20_000, 2000)
     assert out["valid"] == 256
     assert out["growth_mib"] < 200, out
-

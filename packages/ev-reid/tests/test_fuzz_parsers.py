@@ -94,9 +94,13 @@ def _parses_or_names_path(parse: Callable[[], Any], root: Path) -> Any:
     try:
         result = parse()
     except EvError as exc:
-        path = getattr(exc, "path", None)
-        assert path is not None, f"{type(exc).__name__} without a path: {exc}"
-        assert str(path) in str(exc), f"message does not name {path}: {exc}"
+        error: EvError | None = exc
+    else:
+        error = None
+    if error is not None:
+        path = getattr(error, "path", None)
+        assert path is not None, f"{type(error).__name__} without a path: {error}"
+        assert str(path) in str(error), f"message does not name {path}: {error}"
         assert Path(path).resolve().is_relative_to(root.resolve()), f"{path} not under {root}"
         return None
     if isinstance(result, ReidDataset):
@@ -163,8 +167,9 @@ FOLDER_TREE = st.dictionaries(
     st.sampled_from(["train", "query", "gallery"]),
     st.dictionaries(  # identity -> camera (or "" for images directly) -> image names
         NAMES,
-        st.dictionaries(st.one_of(st.just(""), NAMES), st.lists(IMAGE_NAMES, max_size=2),
-                        max_size=2),  # fmt: skip
+        st.dictionaries(
+            st.one_of(st.just(""), NAMES), st.lists(IMAGE_NAMES, max_size=2), max_size=2
+        ),
         max_size=3,
     ),
 )
@@ -291,8 +296,7 @@ INDEX_JSON = st.one_of(
     _JSON.map(lambda v: json.dumps(v).encode()),
     st.builds(
         lambda dim, backend, cfg, records: json.dumps(
-            {"format_version": 1, "dim": dim, "backend": backend, "config": cfg,
-             "records": records}  # fmt: skip
+            {"format_version": 1, "dim": dim, "backend": backend, "config": cfg, "records": records}
         ).encode(),
         st.one_of(st.just(4), _JSON),
         st.one_of(st.sampled_from(["torch", "faiss-flat", "bogus"]), _JSON),

@@ -66,8 +66,15 @@ def walk(path: str, detect: bool) -> dict:
         torch.manual_seed(0)
         model = create("stpt_tiny", num_classes=4).eval()
         base = rss_mib()
-        segs = detect_video(model, path, ["a", "b", "c", "d"], ClipConfig(clip_len=64), batch_size=4)
-        return {"rss_start_mib": base, "rss_end_mib": rss_mib(), "segments": len(segs), "seconds": time.perf_counter() - t0}
+        segs = detect_video(
+            model, path, ["a", "b", "c", "d"], ClipConfig(clip_len=64), batch_size=4
+        )
+        return {
+            "rss_start_mib": base,
+            "rss_end_mib": rss_mib(),
+            "segments": len(segs),
+            "seconds": time.perf_counter() - t0,
+        }
     with VideoReader(path) as vr:
         windows = sliding_windows(len(vr), 64, overlap=0.5)
         for k, w in enumerate(windows):
@@ -78,9 +85,14 @@ def walk(path: str, detect: bool) -> dict:
     rss = [r for _, r in samples]
     first_10 = rss[: max(1, len(rss) // 10)]
     return {
-        "frames": n, "windows": len(windows), "seconds": time.perf_counter() - t0,
-        "rss_after_first_window_mib": rss[0], "rss_max_first_10pct_mib": max(first_10),
-        "rss_max_mib": max(rss), "rss_end_mib": rss[-1], "samples": samples,
+        "frames": n,
+        "windows": len(windows),
+        "seconds": time.perf_counter() - t0,
+        "rss_after_first_window_mib": rss[0],
+        "rss_max_first_10pct_mib": max(first_10),
+        "rss_max_mib": max(rss),
+        "rss_end_mib": rss[-1],
+        "samples": samples,
     }
 
 
@@ -100,9 +112,15 @@ def main() -> None:
     frames = int(args.hours * 3600 * args.fps)
     t = time.perf_counter()
     write_long_video(path, frames, args.fps, args.size)
-    print(f"wrote {frames} frames ({args.hours} h at {args.fps} fps, {args.size}x{args.size}) in {time.perf_counter() - t:.1f} s")
+    print(
+        f"wrote {frames} frames ({args.hours} h at {args.fps} fps, {args.size}x{args.size}) in {time.perf_counter() - t:.1f} s"
+    )
     cmd = [sys.executable, __file__, "--walk", str(path)] + (["--detect"] if args.detect else [])
-    res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "EV_QUIET": "1"}).stdout)
+    res = json.loads(
+        subprocess.run(
+            cmd, check=True, capture_output=True, text=True, env={**os.environ, "EV_QUIET": "1"}
+        ).stdout
+    )
     res.update({"video": {"frames": frames, "fps": args.fps, "size": args.size, "hours": args.hours},
                 "machine": "2 CPU cores shared with other jobs (busy)"})  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmark-results/ev_video_stpt.json")
     args = ap.parse_args()
     shape = (3, args.frames, args.size, args.size)
-    variants = {"global attention in every stage": {"windows": GLOBAL}, f"{args.model} (local early, global late)": {}}
+    variants = {
+        "global attention in every stage": {"windows": GLOBAL},
+        f"{args.model} (local early, global late)": {},
+    }
     flops = {}
     for name, kw in variants.items():
         with torch.device("meta"):
@@ -38,21 +41,31 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     suites = []
     for dev in devices:
-        suite = BenchmarkSuite(f"ev_video_stpt_{dev}", device=dev, min_run_time=args.min_run_time, warmup=1)
+        suite = BenchmarkSuite(
+            f"ev_video_stpt_{dev}", device=dev, min_run_time=args.min_run_time, warmup=1
+        )
         for i, (name, kw) in enumerate(variants.items()):
             torch.manual_seed(0)
             model = create(args.model, num_classes=20, **kw).eval().to(dev)
             x = torch.randn(1, *shape, device=dev)
 
-            def run(model: torch.nn.Module = model, x: torch.Tensor = x) -> None:
-                with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            def run(model: torch.nn.Module = model, x: torch.Tensor = x, dev: str = dev) -> None:
+                with (
+                    torch.no_grad(),
+                    torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"),
+                ):
                     model(x)
 
             try:
                 suite.add(name, run, group=f"{args.model} {args.frames}x{args.size}x{args.size} {dev}", baseline=i == 0,
                           memory=True, items_per_call=1, gmacs=round(flops[name], 2))  # fmt: skip
             except RuntimeError as exc:  # e.g. out of memory for global attention
-                suite.add_failure(name, f"{args.model} {dev}", str(exc).splitlines()[0], gmacs=round(flops[name], 2))
+                suite.add_failure(
+                    name,
+                    f"{args.model} {dev}",
+                    str(exc).splitlines()[0],
+                    gmacs=round(flops[name], 2),
+                )
         suite.notes["gmacs"] = {k: round(v, 2) for k, v in flops.items()}
         suite.notes["machine"] = "CPU rows: 2 cores shared with other jobs (busy)"
         suite.print_table()

@@ -37,3 +37,47 @@ def test_detect_missing_video_is_one_line_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "none.safetensors" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_eval_and_detect_commands(synthetic_root: Path, tmp_path: Path) -> None:
+    import json
+
+    import torch
+
+    from ev_video.inference import ClipConfig, save_detector
+    from ev_video.models import create
+
+    torch.manual_seed(0)
+    det = save_detector(
+        tmp_path / "det.safetensors",
+        create("stpt_tiny", num_classes=4),
+        ["Bounce", "Pulse", "Slide", "Spin"],
+        ClipConfig(clip_len=32),
+    )
+    res = runner.invoke(
+        app, ["eval", str(det), "--data-root", str(synthetic_root), "-o", str(tmp_path / "m.json")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "mAP@0.5=" in res.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert (
+        set(metrics) == {"metrics", "notes", "predictions"}
+        and metrics["metrics"]["tiou_thresholds"][0] == 0.3
+    )
+    video = sorted((synthetic_root / "videos").glob("*.mp4"))[0]
+    res = runner.invoke(
+        app,
+        [
+            "detect",
+            str(video),
+            "--detector",
+            str(det),
+            "--min-score",
+            "0",
+            "-o",
+            str(tmp_path / "s.json"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    segs = json.loads((tmp_path / "s.json").read_text())
+    assert segs and all(0 <= s["t_start"] <= s["t_end"] <= 12.0 for s in segs)

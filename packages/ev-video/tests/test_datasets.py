@@ -30,7 +30,9 @@ def _thumos_txt(folder: Path) -> Path:
     (folder / "BaseballPitch_test.txt").write_text(
         "video_test_0000004 0.2 1.1\nvideo_test_0000270 5.0 9.0\n\nvideo_test_0001292 1 2\n"
     )
-    (folder / "Diving_test.txt").write_text("video_test_0001496 30.0 45.5 \nvideo_test_0000004 3 4\n")
+    (folder / "Diving_test.txt").write_text(
+        "video_test_0001496 30.0 45.5 \nvideo_test_0000004 3 4\n"
+    )
     (folder / "Ambiguous_test.txt").write_text("video_test_0000004 7 8\n")
     return folder
 
@@ -45,7 +47,7 @@ def test_thumos_txt_lists_and_clipping(tmp_path: Path, caplog: pytest.LogCapture
     vids = {s["video_id"] for s in a212.segments}
     assert vids == {"video_test_0000004", "video_test_0000270", "video_test_0001496"}
     assert all(s["label"] != "Ambiguous" for s in a212.segments)
-    clipped = [s for s in a212.segments if s["video_id"] == "video_test_0001496"][0]
+    clipped = next(s for s in a212.segments if s["video_id"] == "video_test_0001496")
     assert clipped["t_end"] == 40.0  # clipped to the duration
     a211 = load_thumos14(root, "test", "211")
     assert "video_test_0000270" not in {s["video_id"] for s in a211.segments}
@@ -68,13 +70,15 @@ def test_activitynet_json_roundtrip_and_thumos(tmp_path: Path) -> None:
     path.write_text(json.dumps({"database": db}))
     ann = load_thumos14(path, "test", "212")
     assert "video_test_0001292" not in ann.videos
-    assert ann.segments == [{"video_id": "video_test_0000004", "label": "Diving", "t_start": 1.0, "t_end": 10.0}]
+    assert ann.segments == [
+        {"video_id": "video_test_0000004", "label": "Diving", "t_start": 1.0, "t_end": 10.0}
+    ]
     val = load_activitynet_json(path, "validation")
     assert val.classes == ["Billiards"] and val.videos["video_validation_0000051"].fps == 30.0
 
 
 @pytest.mark.parametrize(
-    "content, match",
+    ("content", "match"),
     [
         ("video_1 1.0\n", "line 1"),
         ("video_1 a b\n", "not a number"),
@@ -90,13 +94,15 @@ def test_bad_txt_lines_name_file_and_line(tmp_path: Path, content: str, match: s
 
 
 def test_missing_class_file_and_empty_folder(tmp_path: Path) -> None:
-    with pytest.raises(AnnotationError, match="no <Class>_test.txt"):
+    with pytest.raises(AnnotationError, match=r"no <Class>_test\.txt"):
         load_class_txt(tmp_path, "test")
-    with pytest.raises(AnnotationError, match="BaseballPitch_test.txt"):
+    with pytest.raises(AnnotationError, match=r"BaseballPitch_test\.txt"):
         load_thumos14(tmp_path, "test")
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
 def test_fuzz_txt_parses_or_raises_our_error(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "Fuzz_test.txt"
@@ -104,7 +110,7 @@ def test_fuzz_txt_parses_or_raises_our_error(tmp_path: Path, data: bytes) -> Non
     try:
         ann = load_class_txt(tmp_path, "test")
     except AnnotationError as exc:
-        assert "Fuzz_test.txt" in str(exc)
+        assert "Fuzz_test.txt" in str(exc)  # noqa: PT017  (parses or raises: both are fine)
         return
     for s in ann.segments:
         assert 0 <= s["t_start"] <= s["t_end"]
@@ -112,23 +118,48 @@ def test_fuzz_txt_parses_or_raises_our_error(tmp_path: Path, data: bytes) -> Non
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=8),
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4)
+    ),
     max_leaves=20,
 )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     st.one_of(
         _json_values,
-        st.fixed_dictionaries({"database": st.dictionaries(st.text(max_size=6), st.fixed_dictionaries(
-            {"subset": st.sampled_from(["test", "validation", 3]),
-             "duration": st.one_of(st.floats(allow_nan=True), st.none(), st.text(max_size=3)),
-             "annotations": st.lists(st.fixed_dictionaries(
-                 {"label": st.sampled_from(["Diving", "Ambiguous", 5]),
-                  "segment": st.lists(st.floats(allow_nan=True) | st.text(max_size=2), max_size=3)}), max_size=3)}),
-            max_size=3)}),
-    )  # fmt: skip
+        st.fixed_dictionaries(
+            {
+                "database": st.dictionaries(
+                    st.text(max_size=6),
+                    st.fixed_dictionaries(
+                        {
+                            "subset": st.sampled_from(["test", "validation", 3]),
+                            "duration": st.one_of(
+                                st.floats(allow_nan=True), st.none(), st.text(max_size=3)
+                            ),
+                            "annotations": st.lists(
+                                st.fixed_dictionaries(
+                                    {
+                                        "label": st.sampled_from(["Diving", "Ambiguous", 5]),
+                                        "segment": st.lists(
+                                            st.floats(allow_nan=True) | st.text(max_size=2),
+                                            max_size=3,
+                                        ),
+                                    }
+                                ),
+                                max_size=3,
+                            ),
+                        }
+                    ),
+                    max_size=3,
+                )
+            }
+        ),
+    )
 )
 def test_fuzz_json_parses_or_raises_our_error(tmp_path: Path, obj: object) -> None:
     path = tmp_path / "fuzz.json"
@@ -136,7 +167,7 @@ def test_fuzz_json_parses_or_raises_our_error(tmp_path: Path, obj: object) -> No
     try:
         ann = load_activitynet_json(path)
     except AnnotationError as exc:
-        assert "fuzz.json" in str(exc)
+        assert "fuzz.json" in str(exc)  # noqa: PT017  (parses or raises: both are fine)
         return
     for s in ann.segments:
         assert 0 <= s["t_start"] <= s["t_end"] and s["label"] != "Ambiguous"
@@ -145,7 +176,7 @@ def test_fuzz_json_parses_or_raises_our_error(tmp_path: Path, obj: object) -> No
 def test_invalid_json_bytes(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_bytes(b"\xff\xfe{")
-    with pytest.raises(AnnotationError, match="bad.json"):
+    with pytest.raises(AnnotationError, match=r"bad\.json"):
         load_activitynet_json(path)
 
 
@@ -154,12 +185,14 @@ def test_synthetic_annotations_both_formats_agree(synthetic_root: Path) -> None:
     txt = load_class_txt(synthetic_root / "annotations", "test")
     key = lambda s: (s["video_id"], s["t_start"], s["label"])  # noqa: E731
     assert sorted(js.segments, key=key) == sorted(txt.segments, key=key)
-    assert len(js.videos) == 6 and all(v.duration == 12.0 and v.fps == 8.0 for v in js.videos.values())
+    assert len(js.videos) == 6 and all(
+        v.duration == 12.0 and v.fps == 8.0 for v in js.videos.values()
+    )
     # the labelled segments really contain the action colour (red square for Bounce etc.)
     seg = js.segments[0]
     with VideoReader(synthetic_root / "videos" / f"{seg['video_id']}.mp4") as vr:
         inside = vr[int((seg["t_start"] + seg["t_end"]) / 2 * 8)].float()
-    sat = (inside.max(-1).values - inside.min(-1).values)
+    sat = inside.max(-1).values - inside.min(-1).values
     assert (sat > 100).sum() >= 20  # a saturated coloured object is on screen
 
 
@@ -190,3 +223,15 @@ def test_window_dataset_targets_and_skip(synthetic_root: Path, tmp_path: Path) -
     assert ok[0] is None
     assert collate_windows([ok[0]]) is None
     torch.manual_seed(0)
+
+
+def test_window_jitter_random_crops(synthetic_root: Path) -> None:
+    ann = load_activitynet_json(synthetic_root / "annotations.json")
+    ds = WindowDataset(synthetic_root / "videos", ann, clip_len=32, overlap=0.5, jitter=8)
+    torch.manual_seed(0)
+    starts = {ds[2]["start"] for _ in range(30)}
+    assert len(starts) > 3 and min(starts) >= 32 - 8 and max(starts) <= 32 + 8
+    item = ds[0]
+    assert item["clip"].shape == (3, 32, 40, 40) and 0 <= item["start"] <= 8
+    for seg in item["segments"]:
+        assert 0 <= seg[0] < seg[1] <= 32

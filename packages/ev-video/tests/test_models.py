@@ -49,7 +49,12 @@ def test_window_attention_is_local_and_masks_padding() -> None:
     ref = MultiHeadSelfAttention(8, 2).double()
     ref.load_state_dict(attn.state_dict())
     corner = x.detach().view(1, 3, 3, 3, 8)[:, 2, 2, 2].reshape(1, 1, 8)
-    torch.testing.assert_close(attn(x.detach(), (3, 3, 3)).view(1, 3, 3, 3, 8)[:, 2, 2, 2], ref(corner)[:, 0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        attn(x.detach(), (3, 3, 3)).view(1, 3, 3, 3, 8)[:, 2, 2, 2],
+        ref(corner)[:, 0],
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 def test_stpt_shapes_and_backward() -> None:
@@ -61,7 +66,11 @@ def test_stpt_shapes_and_backward() -> None:
     assert model.strides == [8, 16, 32, 64]
     assert out.cls_logits.shape == (2, 4 + 2 + 1 + 1, 3) and out.distances.shape == (2, 8, 2)
     assert (out.distances >= 0).all()
-    losses = model.loss(out, [torch.tensor([[2.0, 20.0]]), torch.zeros(0, 2)], [torch.tensor([1]), torch.zeros(0, dtype=torch.long)])
+    losses = model.loss(
+        out,
+        [torch.tensor([[2.0, 20.0]]), torch.zeros(0, 2)],
+        [torch.tensor([1]), torch.zeros(0, dtype=torch.long)],
+    )
     assert set(losses) >= {"loss", "cls_loss", "reg_loss"} and torch.isfinite(losses["loss"])
     losses["loss"].backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -125,7 +134,7 @@ def test_soft_nms_hand() -> None:
     segs = torch.tensor([[0.0, 10.0], [0.0, 9.0], [20.0, 30.0], [0.0, 10.0]])
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
     labels = torch.tensor([0, 0, 0, 1])
-    out_s, out_c, out_l = soft_nms(segs, scores, labels, sigma=0.5, min_score=0.001)
+    _, out_c, out_l = soft_nms(segs, scores, labels, sigma=0.5, min_score=0.001)
     # 0.9 kept; 0.8 decayed by exp(-0.81/0.5); 0.7 untouched (no overlap); class 1 untouched
     expected = sorted([0.9, 0.8 * math.exp(-0.81 / 0.5), 0.7, 0.6], reverse=True)
     torch.testing.assert_close(out_c, torch.tensor(expected))

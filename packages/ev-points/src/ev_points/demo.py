@@ -36,20 +36,23 @@ class DemoConfig:
     Attributes:
         train_scenes / val_scenes: synthetic rooms for training / evaluation.
         scene: the generator's settings.
-        label_ratio: fraction of each training room's points labelled.
+        label_ratio: fraction of each training room's points labelled (None: use
+            ``points_per_class``).
+        points_per_class: labelled points per class and room (the default: one).
         steps: optimizer steps of each method.
         batch_size / num_points: samples per step, points per sample.
         threads: CPU threads while training.
         seed: seed of the scenes, the labels and the weights.
     """
 
-    train_scenes: int = 12
-    val_scenes: int = 4
+    train_scenes: int = 8
+    val_scenes: int = 3
     scene: SyntheticSceneConfig = field(
         default_factory=lambda: SyntheticSceneConfig(num_points=2048)
     )
-    label_ratio: float = 0.002
-    steps: int = 120
+    label_ratio: float | None = None
+    points_per_class: int | None = 1
+    steps: int = 60
     batch_size: int = 4
     num_points: int = 1024
     threads: int = 2
@@ -58,8 +61,8 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> DemoConfig:
         """A few seconds: fewer, smaller rooms and steps."""
-        return cls(train_scenes=4, val_scenes=2, scene=SyntheticSceneConfig(num_points=1024), steps=15,
-                   batch_size=2, num_points=512)  # fmt: skip
+        return cls(train_scenes=3, val_scenes=1, scene=SyntheticSceneConfig(num_points=768), steps=8,
+                   batch_size=2, num_points=384)  # fmt: skip
 
     @classmethod
     def full(cls) -> DemoConfig:
@@ -80,7 +83,7 @@ def _train_both(cfg: DemoConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for method in ("labelled-only", "pointmatch"):
         pm = PointMatchConfig(
-            method=method, label_ratio=cfg.label_ratio, label_seed=cfg.seed, num_points=cfg.num_points,
+            method=method, label_ratio=cfg.label_ratio, points_per_class=cfg.points_per_class, label_seed=cfg.seed, num_points=cfg.num_points,
             batch_size=cfg.batch_size, steps=cfg.steps, lr=5e-3, ema_decay=0.99,
             model=PointUNetConfig.tiny(len(names)),
             engine=EngineConfig(device="cpu", amp="off", seed=cfg.seed, log_every=10**6, eval_every=0),
@@ -154,6 +157,7 @@ def run_demo(out_dir: Path, quick: bool = False, *, full: bool = False) -> dict[
         torch.set_num_threads(threads)
     summary: dict[str, Any] = {
         "label_ratio": cfg.label_ratio,
+        "points_per_class": cfg.points_per_class,
         "steps": cfg.steps,
         "classes": list(SYNTHETIC_CLASSES),
     }

@@ -576,12 +576,13 @@ def search_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("ev-reid-demo"),
-    quick: Annotated[bool, _flag(help="Tiny sizes (under a minute).")] = False,
+    quick: Annotated[bool, _flag(help="Tiny sizes (about 10 s).")] = False,
+    full: Annotated[bool, _flag(help="The larger run (minutes; default: ≤ ~45 s).")] = False,
 ) -> None:
     """Synthetic data → UP-ReID pre-training → fine-tuning → evaluation → index → ranked-list PNG."""
     from ev_reid.demo import run_demo
 
-    metrics = run_demo(out, quick)
+    metrics = run_demo(out, quick, full=full)
     _echo_metrics({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))})
     typer.echo(f"outputs written to {out.resolve()}")
 

@@ -36,6 +36,7 @@ from ev_core.checkpoint import save_checkpoint
 from ev_core.distributed import get_logger, get_world_size, is_main_process
 from ev_core.ssl import ContrastiveEncoder, LossTermSpec, PretrainConfig, pretrain
 from ev_reid.data.transforms import PretrainViewConfig, build_pretrain_views
+
 # the I² losses live in ev_reid.losses and the adapters in ev_reid.models; the two loss
 # functions stay importable from here for code written against the earlier layout
 from ev_reid.losses.upreid import (

@@ -1,4 +1,10 @@
-"""ev-video: Video: decord loaders, STPT temporal action detection, THUMOS14 evaluation."""
+"""ev-video: temporal action detection for PyTorch.
+
+Subpackages: :mod:`ev_video.io` (decord / PyAV ``VideoReader``, clip samplers),
+:mod:`ev_video.datasets` (THUMOS14 / ActivityNet annotations, synthetic videos, windows),
+:mod:`ev_video.models` (STPT), :mod:`ev_video.evaluation` (detection mAP, AR@AN),
+:mod:`ev_video.train` and :mod:`ev_video.inference`. Video backends are imported lazily.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 

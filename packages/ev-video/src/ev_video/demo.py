@@ -56,7 +56,9 @@ class DemoConfig:
 
     train_videos: int = 12
     test_videos: int = 6
-    video: SyntheticVideoConfig = field(default_factory=lambda: SyntheticVideoConfig(num_frames=96, height=40, width=40))
+    video: SyntheticVideoConfig = field(
+        default_factory=lambda: SyntheticVideoConfig(num_frames=96, height=40, width=40)
+    )
     clip: ClipConfig = field(default_factory=lambda: ClipConfig(clip_len=32, overlap=0.5))
     steps: int = 200
     batch_size: int = 4
@@ -79,7 +81,13 @@ class DemoConfig:
         )  # fmt: skip
 
 
-def _plot(ann: TemporalAnnotations, preds: list[dict[str, Any]], classes: list[str], path: Path, n: int = 4) -> None:
+def _plot(
+    ann: TemporalAnnotations,
+    preds: list[dict[str, Any]],
+    classes: list[str],
+    path: Path,
+    n: int = 4,
+) -> None:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -89,20 +97,38 @@ def _plot(ann: TemporalAnnotations, preds: list[dict[str, Any]], classes: list[s
     axes = fig.subplots(len(vids), 1, squeeze=False)[:, 0]
     for ax, vid in zip(axes, vids, strict=True):
         for s in ann.segments_of(vid):
-            ax.broken_barh([(s["t_start"], s["t_end"] - s["t_start"])], (1.1, 0.8), color=colors[s["label"]])
+            ax.broken_barh(
+                [(s["t_start"], s["t_end"] - s["t_start"])], (1.1, 0.8), color=colors[s["label"]]
+            )
         truth = len(ann.segments_of(vid))
-        mine = sorted((p for p in preds if p["video_id"] == vid), key=lambda p: -p["score"])[: truth + 2]
+        mine = sorted((p for p in preds if p["video_id"] == vid), key=lambda p: -p["score"])[
+            : truth + 2
+        ]
         top = max((p["score"] for p in mine), default=1.0)
         for p in mine:
             ax.broken_barh([(p["t_start"], p["t_end"] - p["t_start"])], (0.1, 0.8),
                            color=colors[p["label"]], alpha=0.3 + 0.7 * p["score"] / top)  # fmt: skip
-            ax.text((p["t_start"] + p["t_end"]) / 2, 0.5, f"{p['score']:.2f}", ha="center", va="center", fontsize=7)
+            ax.text(
+                (p["t_start"] + p["t_end"]) / 2,
+                0.5,
+                f"{p['score']:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+            )
         ax.set_yticks([0.5, 1.5], ["predicted", "true"])
         ax.set_xlim(0, ann.videos[vid].duration or 1)
         ax.set_ylim(0, 2)
         ax.set_title(vid, fontsize=9, loc="left")
-    axes[-1].set_xlabel("time (s)   [predicted: the best (true count + 2) segments with their scores]")
-    fig.legend(handles=[Patch(color=colors[c], label=c) for c in classes], loc="upper right", ncol=len(classes), fontsize=8)
+    axes[-1].set_xlabel(
+        "time (s)   [predicted: the best (true count + 2) segments with their scores]"
+    )
+    fig.legend(
+        handles=[Patch(color=colors[c], label=c) for c in classes],
+        loc="upper right",
+        ncol=len(classes),
+        fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
 
@@ -137,15 +163,26 @@ def run_demo(out_dir: Path, quick: bool, full: bool = False) -> dict[str, Any]:
     try:
         data = out_dir / "data"
         base = cfg.video
-        train_cfg = SyntheticVideoConfig(**{**base.__dict__, "num_videos": cfg.train_videos, "subset": "train", "seed": cfg.seed})
-        test_cfg = SyntheticVideoConfig(**{**base.__dict__, "num_videos": cfg.test_videos, "subset": "test", "seed": cfg.seed + 1})
+        train_cfg = SyntheticVideoConfig(
+            **{**base.__dict__, "num_videos": cfg.train_videos, "subset": "train", "seed": cfg.seed}
+        )
+        test_cfg = SyntheticVideoConfig(
+            **{
+                **base.__dict__,
+                "num_videos": cfg.test_videos,
+                "subset": "test",
+                "seed": cfg.seed + 1,
+            }
+        )
         generate_synthetic_videos(data / "train", train_cfg, overwrite=True)
         test_ann = generate_synthetic_videos(data / "test", test_cfg, overwrite=True)
         t_data = time.perf_counter() - t0
         classes = list(test_ann.classes)
         torch.manual_seed(cfg.seed)
         untrained = create("stpt_tiny", num_classes=len(classes)).eval()
-        before, _ = evaluate_detector(untrained, data / "test" / "videos", test_ann, classes, cfg.clip)
+        before, _ = evaluate_detector(
+            untrained, data / "test" / "videos", test_ann, classes, cfg.clip
+        )
         t1 = time.perf_counter()
         tcfg = TrainConfig(
             data_root=str(data / "train"), clip=cfg.clip, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -155,7 +192,9 @@ def run_demo(out_dir: Path, quick: bool, full: bool = False) -> dict[str, Any]:
         )  # fmt: skip
         model, classes_t, fit = train_detector(tcfg, out_dir / "run", resume=False)
         t_train = time.perf_counter() - t1
-        after, preds = evaluate_detector(model, data / "test" / "videos", test_ann, classes_t, cfg.clip)
+        after, preds = evaluate_detector(
+            model, data / "test" / "videos", test_ann, classes_t, cfg.clip
+        )
     finally:
         torch.set_num_threads(threads)
     metrics: dict[str, Any] = {
@@ -170,7 +209,11 @@ def run_demo(out_dir: Path, quick: bool, full: bool = False) -> dict[str, Any]:
         "average_map_untrained": before.average_map,
         "average_map_trained": after.average_map,
         "final_loss": next((h["loss"] for h in reversed(fit.history) if "loss" in h), None),
-        "seconds": {"data": round(t_data, 1), "train": round(t_train, 1), "total": round(time.perf_counter() - t0, 1)},
+        "seconds": {
+            "data": round(t_data, 1),
+            "train": round(t_train, 1),
+            "total": round(time.perf_counter() - t0, 1),
+        },
         "detector": str(out_dir / "run" / "detector.safetensors"),
     }
     write_json(out_dir / "predictions.json", preds)
@@ -183,5 +226,8 @@ def run_demo(out_dir: Path, quick: bool, full: bool = False) -> dict[str, Any]:
     write_json(out_dir / "metrics.json", metrics)
     print(f"ev-video demo: mAP@0.5 {before.map_at(0.5) * 100:.1f} (untrained) -> {after.map_at(0.5) * 100:.1f} "
           f"(after {fit.state.step} steps); average mAP {after.average_map * 100:.1f}")  # fmt: skip
-    print(f"metrics: {out_dir / 'metrics.json'}" + (f"\nfigure: {metrics['figure']}" if metrics["figure"] else ""))
+    print(
+        f"metrics: {out_dir / 'metrics.json'}"
+        + (f"\nfigure: {metrics['figure']}" if metrics["figure"] else "")
+    )
     return metrics

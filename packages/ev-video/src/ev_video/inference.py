@@ -27,7 +27,14 @@ from ev_video.evaluation import DetectionResult, evaluate_detections
 from ev_video.io import VideoReader, frames_to_clip, resample_indices, sliding_windows
 from ev_video.models import STPT, STPTConfig, soft_nms
 
-__all__ = ["ClipConfig", "detect_video", "detect_videos", "evaluate_detector", "load_detector", "save_detector"]
+__all__ = [
+    "ClipConfig",
+    "detect_video",
+    "detect_videos",
+    "evaluate_detector",
+    "load_detector",
+    "save_detector",
+]
 
 
 @dataclass
@@ -60,14 +67,20 @@ class ClipConfig:
         return (self.height, self.width) if self.height and self.width else None
 
 
-def save_detector(path: str | os.PathLike[str], model: STPT, classes: list[str], clip: ClipConfig) -> Path:
+def save_detector(
+    path: str | os.PathLike[str], model: STPT, classes: list[str], clip: ClipConfig
+) -> Path:
     """Write ``path`` (``.safetensors``) and its JSON (model config, classes, clip config)."""
     return save_checkpoint(
-        path, model.state_dict(), config={"model": model.config, "classes": list(classes), "clip": clip}
+        path,
+        model.state_dict(),
+        config={"model": model.config, "classes": list(classes), "clip": clip},
     )
 
 
-def load_detector(path: str | os.PathLike[str], map_location: str = "cpu") -> tuple[STPT, list[str], ClipConfig]:
+def load_detector(
+    path: str | os.PathLike[str], map_location: str = "cpu"
+) -> tuple[STPT, list[str], ClipConfig]:
     """Rebuild a detector written by :func:`save_detector` (eval mode).
 
     Raises:
@@ -147,8 +160,13 @@ def detect_video(
     )  # fmt: skip
     duration = n / src_fps
     return [
-        {"video_id": vid, "label": classes[int(l_)], "score": float(s_),
-         "t_start": float(a.clamp(0, duration)), "t_end": float(b.clamp(0, duration))}  # fmt: skip
+        {
+            "video_id": vid,
+            "label": classes[int(l_)],
+            "score": float(s_),
+            "t_start": float(a.clamp(0, duration)),
+            "t_end": float(b.clamp(0, duration)),
+        }
         for (a, b), s_, l_ in zip(seg, sc, lab, strict=True)
     ]
 
@@ -164,7 +182,9 @@ def detect_videos(
     """:func:`detect_video` over ``video_dir/<video_id>.*`` for every id (progress bar)."""
     out: list[dict[str, Any]] = []
     for vid in progress(list(video_ids), desc="detect"):
-        out.extend(detect_video(model, find_video(video_dir, vid), classes, clip, video_id=vid, **kwargs))
+        out.extend(
+            detect_video(model, find_video(video_dir, vid), classes, clip, video_id=vid, **kwargs)
+        )
     return out
 
 

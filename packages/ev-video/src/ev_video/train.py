@@ -54,6 +54,7 @@ class TrainConfig:
         workers: DataLoader workers.
         on_error: ``"raise"`` or ``"skip"`` undecodable videos.
         cache_frames: keep decoded windows in memory (small datasets, many epochs).
+        jitter: random temporal crops: shift each training window by up to this many frames.
         engine: the training-loop settings (epochs, device, AMP, EMA, checkpoints, ...).
     """
 
@@ -71,18 +72,27 @@ class TrainConfig:
     workers: int = 0
     on_error: str = "raise"
     cache_frames: bool = False
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(epochs=10, clip_grad_norm=1.0, log_every=5))
+    jitter: int = 0
+    engine: EngineConfig = field(
+        default_factory=lambda: EngineConfig(epochs=10, clip_grad_norm=1.0, log_every=5)
+    )
 
     def annotation_path(self) -> Path:
         """The annotations to read."""
-        return Path(self.annotations) if self.annotations else Path(self.data_root) / "annotations.json"
+        return (
+            Path(self.annotations)
+            if self.annotations
+            else Path(self.data_root) / "annotations.json"
+        )
 
     def videos_path(self) -> Path:
         """The video folder."""
         return Path(self.video_dir) if self.video_dir else Path(self.data_root) / "videos"
 
 
-def load_annotations(path: str | os.PathLike[str], subset: str | None = None) -> TemporalAnnotations:
+def load_annotations(
+    path: str | os.PathLike[str], subset: str | None = None
+) -> TemporalAnnotations:
     """ActivityNet-style JSON file, or a folder of ``<Class>_<subset>.txt`` (needs ``subset``)."""
     p = Path(path)
     if p.is_dir():
@@ -92,7 +102,9 @@ def load_annotations(path: str | os.PathLike[str], subset: str | None = None) ->
     return load_activitynet_json(p, subset)
 
 
-def _schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def _schedule(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
@@ -102,7 +114,9 @@ def _schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _step(model: torch.nn.Module, batch: dict[str, Any] | None, engine: Engine) -> dict[str, torch.Tensor]:
+def _step(
+    model: torch.nn.Module, batch: dict[str, Any] | None, engine: Engine
+) -> dict[str, torch.Tensor]:
     if batch is None:  # every item of the batch was an undecodable file (on_error="skip")
         zero = sum(p.sum() * 0.0 for p in model.parameters())
         return {"loss": zero}
@@ -140,7 +154,8 @@ def train_detector(
     clip = config.clip
     dataset = WindowDataset(
         config.videos_path(), ann, clip_len=clip.clip_len, overlap=clip.overlap, fps=clip.fps,
-        size=clip.size, backend=clip.backend, on_error=config.on_error, mean=clip.mean, std=clip.std, cache=config.cache_frames,
+        size=clip.size, backend=clip.backend, on_error=config.on_error, mean=clip.mean,
+        std=clip.std, cache=config.cache_frames, jitter=config.jitter,
     )  # fmt: skip
     if len(dataset) == 0:
         raise EvError("no training window (no decodable annotated video)", config.videos_path())
@@ -153,7 +168,10 @@ def train_detector(
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=config.lr,
     )
     eng = config.engine

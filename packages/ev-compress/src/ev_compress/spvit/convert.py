@@ -5,7 +5,8 @@ Supported: timm ``deit_*`` / ``vit_*`` (``VisionTransformer`` blocks with the st
 ``Attention``), timm ``swin_*`` (``SwinTransformerBlock``) and ev ``litv2_*`` (HiLo; stages 1–2
 have no attention and only get FFN gates).
 
-``convert`` runs one probe forward (batch 1, eval, no grad) under
+``convert`` runs one probe forward (batch 1, eval mode, autograd on so that ev-core's fused
+oneDNN inference kernels, which no FLOP counter knows, are not used) under
 :class:`torch.utils.flop_counter.FlopCounterMode` to record each block's map size and to
 measure the cost of everything that is not searched (embedding, merging, head).
 """
@@ -125,8 +126,8 @@ def _probe(
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
-    try:
-        with counter, torch.no_grad():
+    try:  # with grad on: ev-core's fused oneDNN inference ops (uncounted) stay off
+        with counter, torch.enable_grad():
             model(torch.randn(1, *size, device=param.device, dtype=param.dtype))
     finally:
         model.train(was_training)

@@ -241,10 +241,13 @@ class GatedFFN(nn.Module):
 
     def forward(self, x: Tensor, hw: tuple[int, int] | None = None) -> Tensor:
         m: Any = self.mlp
+        mask = self.unit_mask()
+        if not mask.requires_grad and bool((mask > 0.5).all()):  # every unit on: the original
+            return m(x, hw) if self.conv_ffn else m(x)
         h = m.fc1(x)
         if self.conv_ffn:
             h = m.dwconv(h, hw)
-        h = m.act(h) * self.unit_mask().to(h.dtype)
+        h = m.act(h) * mask.to(h.dtype)
         if self.conv_ffn:
             return m.drop(m.fc2(m.drop(h)))
         return m.drop2(m.fc2(m.norm(m.drop1(h))))

@@ -8,7 +8,8 @@ inside the GEMM / convolution epilogue.
 
 They are used only where they are exactly a drop-in: eager CPU inference (gradients off) in
 float32 or bfloat16, oneDNN available, not while scripting, FX-tracing or compiling (those see
-the plain ops; inductor fuses by itself). Under CPU autocast the inputs are cast to the autocast
+the plain ops; inductor fuses by itself) nor under a ``TorchDispatchMode`` such as the FLOP
+counter (:mod:`ev_core.flops`). Under CPU autocast the inputs are cast to the autocast
 dtype first, as autocast would. Everything else takes ``F.linear`` / ``F.conv2d`` + ``F.gelu``.
 Results equal the plain ops to float rounding (different accumulation order).
 """
@@ -16,6 +17,7 @@ Results equal the plain ops to float rounding (different accumulation order).
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["conv2d_act", "fusable", "linear_act", "use_onednn"]
 
@@ -32,6 +34,8 @@ def use_onednn(x: Tensor) -> bool:
     if not _ONEDNN or torch.is_grad_enabled():
         return False
     if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return False
+    if _get_current_dispatch_mode() is not None:  # e.g. FlopCounterMode: it sees only plain ops
         return False
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
 

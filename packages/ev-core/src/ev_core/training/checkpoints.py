@@ -113,6 +113,7 @@ class CheckpointManager:
         removed: list[Path] = []
         if not self.root.is_dir():
             return removed
+        self._recover()
         for child in self.root.iterdir():
             name = child.name
             stale_dir = child.is_dir() and (
@@ -127,6 +128,40 @@ class CheckpointManager:
                 child.unlink(missing_ok=True)
                 removed.append(child)
         return removed
+
+    def _recover(self) -> None:
+        """Put back a whole checkpoint that a kill left aside while the same step was re-saved.
+
+        ``commit`` moves an existing ``step-N`` to ``.step-N.trash`` and then the new
+        ``.step-N.partial`` (already marked complete) into place; a kill between the two renames
+        leaves no ``step-N``. The complete new one is preferred, else the old one.
+        """
+        for suffix in (".partial", ".trash"):
+            for child in sorted(self.root.glob(f".step-*{suffix}")):
+                name = child.name[1 : -len(suffix)]
+                final = self.root / name
+                if (
+                    _STEP_DIR.match(name)
+                    and child.is_dir()
+                    and (child / COMPLETE_MARKER).is_file()
+                    and not final.exists()
+                ):
+                    child.rename(final)
+
+    def discard_after(self, step: int) -> list[Path]:
+        """Delete the complete checkpoints of steps after ``step`` (a run restarted from ``step``
+        or from scratch makes them stale: kept, they would outrank the new run's checkpoints).
+
+        Returns:
+            What was deleted.
+        """
+        stale = [p for p in self.complete() if self.step_of(p) > step]
+        pointer = self.root / "latest"
+        if stale and pointer.is_file():
+            pointer.unlink()
+        for old in stale:
+            shutil.rmtree(old, ignore_errors=True)
+        return stale
 
     def begin(self, step: int) -> Path:
         """Create (empty) the partial folder for ``step`` and return it."""

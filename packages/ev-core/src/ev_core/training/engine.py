@@ -160,6 +160,7 @@ class Engine:
         self._window: dict[str, float] = {}
         self._window_steps = 0
         self._last_lr = self.lr
+        self._last_grad_norm = 0.0
         self._t0 = time.perf_counter()
 
     # ------------------------------------------------------------------ helpers
@@ -231,6 +232,13 @@ class Engine:
                     "hooks": [h.state_dict() for h in self.hooks],
                     "extra_state": self.extra_state,
                     "world_size": self.world_size,
+                    # the metrics window not yet logged (so that a resumed run logs the same means)
+                    "log_window": {
+                        "terms": dict(self._window),
+                        "steps": self._window_steps,
+                        "lr": self._last_lr,
+                        "grad_norm": self._last_grad_norm,
+                    },
                 },
             )
         else:
@@ -262,14 +270,17 @@ class Engine:
         if self.ema is not None:
             ema_file = folder / "ema.safetensors"
             if ema_file.is_file():
-                ema_state, _ = load_checkpoint(ema_file, map_location=str(self.device))
-                self.ema.module.load_state_dict(ema_state)
+                try:
+                    ema_state, _ = load_checkpoint(ema_file, map_location=str(self.device))
+                    self.ema.module.load_state_dict(ema_state)
+                except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+                    raise EvError(f"cannot restore the EMA weights: {exc}", path=ema_file) from None
             else:
                 _log.warning("%s has no EMA weights: the EMA restarts from the model", folder)
                 self.ema.module.load_state_dict(self.raw_model.state_dict())
         state_file = folder / "state.pt"
-        try:
-            training = load_torch_file(state_file, map_location=str(self.device))
+        try:  # on the CPU: RNG states must stay CPU tensors (the optimizer moves its own state)
+            training = load_torch_file(state_file, map_location="cpu")
         except Exception as exc:  # torch raises several types for damaged files
             raise EvError(f"cannot read the training state: {exc}", path=state_file) from None
         self.optimizer.load_state_dict(training["optimizer"])
@@ -282,6 +293,14 @@ class Engine:
         for hook, hook_state in zip(self.hooks, training["hooks"], strict=False):
             hook.load_state_dict(hook_state)
         self.extra_state = dict(training["extra_state"])
+        window = training.get("log_window")
+        if window is not None:
+            self._window = dict(window["terms"])
+            self._window_steps = int(window["steps"])
+            self._last_lr = float(window["lr"])
+            self._last_grad_norm = float(window["grad_norm"])
+        else:
+            self._window, self._window_steps = {}, 0
         rng = training["rng"]
         if self.rank > 0:
             rank_file = folder / f"state_rank{self.rank}.pt"
@@ -377,7 +396,8 @@ class Engine:
                 fh.write(json.dumps(record) + "\n")
 
     def _truncate_metrics(self) -> None:
-        """Keep the metrics lines up to the resumed step (a killed run may have logged more)."""
+        """Keep the metrics lines up to the resumed step (a killed run may have logged more;
+        with an epoch end pending, that epoch's evaluation is logged again when it re-runs)."""
         path = self.out_dir / "metrics.jsonl" if self.out_dir is not None else None
         if path is None or not path.is_file():
             return
@@ -387,7 +407,11 @@ class Engine:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut by the kill
                 continue
-            if isinstance(record, dict) and int(record.get("step", 0)) <= self.state.step:
+            if not isinstance(record, dict):
+                continue
+            step = int(record.get("step", 0))
+            redone = self.state.epoch_end_pending and step == self.state.step and "eval" in record
+            if step <= self.state.step and not redone:
                 kept.append(record)
         self.history = kept
         if self.is_main:
@@ -493,6 +517,12 @@ class Engine:
         elif resume is True and (latest := self.latest_checkpoint()) is not None:
             self.load_checkpoint(latest)
             _log.info("%s: resumed from %s (step %d)", self.name, latest, self.state.step)
+        if self.checkpoints is not None and self.is_main:
+            # checkpoints past the start belong to another run (fresh start, or a resume from
+            # an older checkpoint): kept, they would outrank this run's and be resumed instead
+            for stale in self.checkpoints.discard_after(self.state.step):
+                _log.warning("%s: removed %s (after this run's start)", self.name, stale)
+        self._barrier()
         if self.state.step > 0:
             self._truncate_metrics()
         elif self.out_dir is not None and self.is_main:
@@ -512,10 +542,13 @@ class Engine:
         for hook in self.hooks:
             hook.on_fit_start(self)
         self.model.train()
-        grad_norm = 0.0
+        grad_norm = self._last_grad_norm
         stopped_early = False
         done = total is not None and self.state.step >= total
         with progress(total=total, initial=self.state.step, desc=self.name) as bar:
+            if self.state.epoch_end_pending:  # the process died after the epoch's checkpoint
+                self._end_epoch(self.state.epoch - 1)
+                self.model.train()
             while self.state.epoch < cfg.epochs and not done and not stopped_early:
                 epoch = self.state.epoch
                 if self.state.batch_in_epoch == 0:
@@ -543,6 +576,8 @@ class Engine:
                     if done or (stop_at_step is not None and self.state.step >= stop_at_step):
                         exhausted = n_batches is not None and self.state.batch_in_epoch >= n_batches
                         stopped_early = not done
+                        if stopped_early:  # a later fit() on this engine continues from here
+                            self._resume_rng = capture_rng(self._generator)
                         break
                     if (
                         cfg.checkpoint_every
@@ -553,16 +588,15 @@ class Engine:
                 else:
                     if self.state.batch_in_epoch % accum and n_batches is None:
                         grad_norm = self._step_and_log(bar, grad_norm)  # the last partial group
-                self._flush(bar, self._last_lr, grad_norm)
+                if exhausted or not stopped_early:  # else the window is saved, logged later
+                    self._flush(bar, self._last_lr, grad_norm)
                 if exhausted:
                     self.state.epoch += 1
                     self.state.batch_in_epoch = 0
+                    self.state.epoch_end_pending = True
                 self.save_checkpoint()
                 if exhausted:
-                    for hook in self.hooks:
-                        hook.on_epoch_end(self, epoch)
-                    if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
-                        self.evaluate(epoch)
+                    self._end_epoch(epoch)
         for hook in self.hooks:
             hook.on_fit_end(self)
         self._barrier()
@@ -570,10 +604,18 @@ class Engine:
             self.state, list(self.history), not stopped_early, self.latest_checkpoint()
         )
 
+    def _end_epoch(self, epoch: int) -> None:
+        """``on_epoch_end`` hooks and the evaluation of ``epoch`` (after its checkpoint)."""
+        for hook in self.hooks:
+            hook.on_epoch_end(self, epoch)
+        if self.config.eval_every and (epoch + 1) % self.config.eval_every == 0:
+            self.evaluate(epoch)
+        self.state.epoch_end_pending = False
+
     def _step_and_log(self, bar: Any, grad_norm: float) -> float:
         lr = self._last_lr = self.lr
         step_terms, self._step_terms = self._step_terms, {}
-        grad_norm = self._optimizer_step()
+        grad_norm = self._last_grad_norm = self._optimizer_step()
         self.state.step += 1
         for name, value in step_terms.items():
             self._window[name] = self._window.get(name, 0.0) + value

@@ -49,6 +49,8 @@ class TrainState:
         batch_in_epoch: micro-batches consumed in the current epoch.
         initial_loss: the first micro-batch's loss of the run (for the divergence warning).
         diverged: whether the divergence warning was given.
+        epoch_end_pending: the checkpoint was written at an epoch's end, before that epoch's
+            ``on_epoch_end`` hooks and evaluation ran (a resume from it runs them first).
     """
 
     epoch: int = 0
@@ -56,6 +58,7 @@ class TrainState:
     batch_in_epoch: int = 0
     initial_loss: float | None = None
     diverged: bool = False
+    epoch_end_pending: bool = False
 
 
 @dataclass
@@ -88,10 +91,12 @@ class Hook:
         """After each optimizer step; ``logs`` holds the step's mean loss terms, lr, grad norm."""
 
     def on_epoch_end(self, engine: Engine, epoch: int) -> None:
-        """After ``epoch`` is complete and its checkpoint written."""
+        """After ``epoch`` is complete and its checkpoint written (re-run on resume when the
+        process died between that checkpoint and the next one)."""
 
     def on_eval(self, engine: Engine, epoch: int) -> Mapping[str, float] | None:
-        """Every ``eval_every`` epochs, after the checkpoint; returned metrics are logged."""
+        """Every ``eval_every`` epochs, after the checkpoint; returned metrics are logged (re-run on
+        resume when the process died between that checkpoint and the next one)."""
         return None
 
     def on_fit_end(self, engine: Engine) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ev_core.errors import EvError
 from ev_core.training import Engine, EngineConfig, FitResult, Hook
@@ -284,15 +284,21 @@ def train_pointmatch(
     model = PointUNet(model_cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
-    samples = cfg.batch_size * max(1, min(cfg.steps, 50))  # an "epoch" of at most 50 steps
-    data = WeakLabelDataset(scenes, masks, cfg.num_points, samples)
-    gen = torch.Generator().manual_seed(cfg.engine.seed)
-    loader = DataLoader(
-        data, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=True
-    )
     hooks = [_EvalHook(list(eval_scenes), num_classes, class_names)] if eval_scenes else []
     engine = Engine(model, optimizer, engine_cfg, scheduler=scheduler, out_dir=out_dir, hooks=hooks,
                     run_config=cfg, model_config=dataclasses.asdict(model_cfg), name=cfg.method)  # fmt: skip
+    samples = cfg.batch_size * max(1, min(cfg.steps, 50))  # an "epoch" of at most 50 steps
+    data = WeakLabelDataset(scenes, masks, cfg.num_points, samples * engine.world_size)
+    if engine.world_size > 1:  # each rank its share; the engine calls set_epoch
+        sampler = DistributedSampler(
+            data, engine.world_size, engine.rank, shuffle=True, seed=cfg.engine.seed, drop_last=True
+        )
+        loader = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
+    else:
+        gen = torch.Generator().manual_seed(cfg.engine.seed)
+        loader = DataLoader(
+            data, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=True
+        )
     fit = engine.fit(loader, make_step_fn(cfg), resume=resume)
     teacher = engine.ema.module if engine.ema is not None else None
     return TrainOutcome(

@@ -114,7 +114,7 @@ def _load_config(path: Path) -> dict[str, np.ndarray]:
 
     try:
         mat = loadmat(str(path))
-    except Exception as exc:  # noqa: BLE001 (scipy raises many types on a corrupt .mat)
+    except Exception as exc:
         raise DatasetLayoutError(
             f"cannot read the new-protocol config ({type(exc).__name__}: {exc})",
             path=path,
@@ -132,7 +132,7 @@ def _load_config(path: Path) -> dict[str, np.ndarray]:
 
 def _file_names(value: Any, path: Path) -> np.ndarray:
     """``filelist`` as a 1-D array of str (MATLAB cells of char arrays)."""
-    names = []
+    names: list[str] = []
     for cell in np.asarray(value, dtype=object).reshape(-1):
         item = np.asarray(cell).reshape(-1)
         if item.size != 1 or not isinstance(item[0], str):
@@ -305,7 +305,7 @@ class CUHK03(ReidDataset):
                 pairs = np.asarray(f[refs[self.split_id]]).T  # [100, 2] (campid, pid)
         except DatasetLayoutError:
             raise
-        except Exception as exc:  # noqa: BLE001 (h5py: OSError, KeyError, TypeError, ...)
+        except Exception as exc:
             raise DatasetLayoutError(
                 f"cannot read testsets from cuhk-03.mat ({type(exc).__name__}: {exc})",
                 path=mat,

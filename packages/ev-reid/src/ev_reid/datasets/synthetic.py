@@ -159,7 +159,9 @@ class _Identity:
     def with_texture(self, rng: np.random.Generator) -> _Identity:
         """This identity with a garment texture (unaligned mode): smooth noise in [0.6, 1.3]."""
         coarse = rng.uniform(0.0, 1.0, (6, 6)).astype(np.float32)
-        img = Image.fromarray((coarse * 255).astype(np.uint8)).resize((24, 24), Image.BICUBIC)
+        img = Image.fromarray((coarse * 255).astype(np.uint8)).resize(
+            (24, 24), Image.Resampling.BICUBIC
+        )
         fine = rng.uniform(-0.15, 0.15, (24, 24)).astype(np.float32)
         tex = np.asarray(img, dtype=np.float32) / 255.0 * 0.55 + 0.65 + fine
         return dataclasses.replace(self, texture=np.clip(tex, 0.5, 1.4))

@@ -270,9 +270,7 @@ def _market_chunk(
             if wider * (stop + 1 - start) > _SAME_ID_ENTRIES:
                 break
             widest, stop = wider, stop + 1
-        parts.append(
-            _market_rows(dist[start:stop], q_pids[start:stop], q_camids[start:stop], gal)
-        )
+        parts.append(_market_rows(dist[start:stop], q_pids[start:stop], q_camids[start:stop], gal))
         start = stop
     if len(parts) == 1:
         return parts[0]

@@ -499,7 +499,9 @@ class ReidIndex:
 def _read_index_json(meta_file: Path) -> tuple[int, dict[str, Any], list[ReidRecord]]:
     """``(dim, config fields with the saved backend, records)`` of an ``index.json``."""
     if not meta_file.is_file():
-        raise IndexFileError(f"no index at {meta_file.parent} (expected index.json)", path=meta_file)
+        raise IndexFileError(
+            f"no index at {meta_file.parent} (expected index.json)", path=meta_file
+        )
     try:
         meta = json.loads(meta_file.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -508,8 +510,7 @@ def _read_index_json(meta_file: Path) -> tuple[int, dict[str, Any], list[ReidRec
         raise IndexFileError("must hold a JSON object", path=meta_file)
     if meta.get("format_version") != _FORMAT_VERSION:
         raise IndexFileError(
-            f"unsupported index format {meta.get('format_version')!r} (expected "
-            f"{_FORMAT_VERSION})",
+            f"unsupported index format {meta.get('format_version')!r} (expected {_FORMAT_VERSION})",
             path=meta_file,
         )
     dim, cfg, recs = meta.get("dim"), meta.get("config"), meta.get("records")

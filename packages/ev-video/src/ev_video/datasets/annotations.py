@@ -99,7 +99,9 @@ class TemporalAnnotations:
 
     def segments_of(self, video_id: str) -> list[dict[str, Any]]:
         """Segments of one video, by start time."""
-        return sorted((s for s in self.segments if s["video_id"] == video_id), key=lambda s: s["t_start"])
+        return sorted(
+            (s for s in self.segments if s["video_id"] == video_id), key=lambda s: s["t_start"]
+        )
 
     def clip_to_durations(self) -> int:
         """Clip segments to their video's duration (dropping those starting after it).
@@ -116,17 +118,24 @@ class TemporalAnnotations:
                 continue
             changed += 1
             if s["t_start"] >= dur:
-                self.notes.append(f"dropped {s['video_id']} {s['label']} {s['t_start']}-{s['t_end']}: starts after the end ({dur:.3f} s)")
+                self.notes.append(
+                    f"dropped {s['video_id']} {s['label']} {s['t_start']}-{s['t_end']}: starts after the end ({dur:.3f} s)"
+                )
                 continue
             kept.append({**s, "t_end": dur})
-            self.notes.append(f"clipped {s['video_id']} {s['label']} end {s['t_end']} -> {dur:.3f} s")
+            self.notes.append(
+                f"clipped {s['video_id']} {s['label']} end {s['t_end']} -> {dur:.3f} s"
+            )
         self.segments = kept
         return changed
 
     def drop_videos(self, video_ids: Iterable[str], reason: str) -> None:
         """Remove videos and their segments (recorded in :attr:`notes`)."""
         drop = set(video_ids)
-        present = sorted(drop & set(self.videos) | {s["video_id"] for s in self.segments if s["video_id"] in drop})
+        present = sorted(
+            drop & set(self.videos)
+            | {s["video_id"] for s in self.segments if s["video_id"] in drop}
+        )
         self.videos = {k: v for k, v in self.videos.items() if k not in drop}
         self.segments = [s for s in self.segments if s["video_id"] not in drop]
         if present:
@@ -162,7 +171,9 @@ def _parse_class_file(path: Path, label: str) -> list[dict[str, Any]]:
             )
         t0, t1 = _parse_float(parts[1], path, line_no), _parse_float(parts[2], path, line_no)
         if t1 < t0:
-            raise AnnotationError(f"line {line_no}: segment ends ({t1}) before it starts ({t0})", path)
+            raise AnnotationError(
+                f"line {line_no}: segment ends ({t1}) before it starts ({t0})", path
+            )
         records.append({"video_id": parts[0], "label": label, "t_start": t0, "t_end": t1})
     return records
 
@@ -252,12 +263,15 @@ def load_activitynet_json(
             label = ann.get("label") if isinstance(ann, Mapping) else None
             if not isinstance(label, str) or not isinstance(seg, list) or len(seg) != 2:
                 raise AnnotationError(
-                    f"video {vid!r} annotation {k}: needs 'label' (str) and 'segment' [start, end]", path
+                    f"video {vid!r} annotation {k}: needs 'label' (str) and 'segment' [start, end]",
+                    path,
                 )
             try:
                 t0, t1 = float(seg[0]), float(seg[1])
             except (TypeError, ValueError):
-                raise AnnotationError(f"video {vid!r} annotation {k}: non-numeric segment", path) from None
+                raise AnnotationError(
+                    f"video {vid!r} annotation {k}: non-numeric segment", path
+                ) from None
             if not (math.isfinite(t0) and math.isfinite(t1)) or t1 < t0 or t0 < 0:
                 raise AnnotationError(f"video {vid!r} annotation {k}: bad segment {seg}", path)
             if label == _AMBIGUOUS:
@@ -288,7 +302,9 @@ def load_thumos14(
         AnnotationError: unreadable annotations, or a class outside the THUMOS14 20.
     """
     if video_list not in THUMOS14_TEST_DROPPED:
-        raise AnnotationError(f"video_list must be one of {sorted(THUMOS14_TEST_DROPPED)}, got {video_list!r}")
+        raise AnnotationError(
+            f"video_list must be one of {sorted(THUMOS14_TEST_DROPPED)}, got {video_list!r}"
+        )
     src = Path(source)
     if src.is_dir():
         suffix = {"validation": "val"}.get(subset, subset)
@@ -307,15 +323,24 @@ def load_thumos14(
         dropped = THUMOS14_TEST_DROPPED[video_list]
         ann.drop_videos(dropped, f"THUMOS14 {video_list}-video test list")
         n_videos = len(ann.videos)
-        log.info("THUMOS14 test list %s: %d videos (dropped: %s)", video_list, n_videos, ", ".join(dropped) or "none")
-        ann.notes.append(f"THUMOS14 test list: {video_list} ({n_videos} videos with annotations here)")
+        log.info(
+            "THUMOS14 test list %s: %d videos (dropped: %s)",
+            video_list,
+            n_videos,
+            ", ".join(dropped) or "none",
+        )
+        ann.notes.append(
+            f"THUMOS14 test list: {video_list} ({n_videos} videos with annotations here)"
+        )
     changed = ann.clip_to_durations()
     if changed:
         log.info("THUMOS14: %d segments clipped to their video's duration", changed)
     return ann
 
 
-def write_class_txt(ann: TemporalAnnotations, folder: str | os.PathLike[str], subset: str) -> list[Path]:
+def write_class_txt(
+    ann: TemporalAnnotations, folder: str | os.PathLike[str], subset: str
+) -> list[Path]:
     """Write one ``<Class>_<subset>.txt`` per class (empty files for classes without segments)."""
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
@@ -343,7 +368,11 @@ def write_activitynet_json(ann: TemporalAnnotations, path: str | os.PathLike[str
             "duration": info.duration,
             "fps": info.fps,
             "annotations": [
-                {"label": s["label"], "segment": [s["t_start"], s["t_end"]], "label_id": ann.label_id(s["label"])}
+                {
+                    "label": s["label"],
+                    "segment": [s["t_start"], s["t_end"]],
+                    "label_id": ann.label_id(s["label"]),
+                }
                 for s in ann.segments_of(vid)
             ],
         }

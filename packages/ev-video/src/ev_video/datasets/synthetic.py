@@ -102,7 +102,7 @@ def _segments(cfg: SyntheticVideoConfig, rng: np.random.Generator) -> list[tuple
     for _ in range(50 * want):
         if len(out) == want:
             break
-        length = int(round(rng.uniform(cfg.min_action_s, cfg.max_action_s) * cfg.fps))
+        length = round(rng.uniform(cfg.min_action_s, cfg.max_action_s) * cfg.fps)
         length = max(2, min(length, n))
         start = int(rng.integers(0, n - length + 1))
         end = start + length
@@ -124,7 +124,9 @@ def _draw(frame: np.ndarray, mask: np.ndarray, color: tuple[int, int, int]) -> N
     frame[mask] = color
 
 
-def render_video(cfg: SyntheticVideoConfig, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+def render_video(
+    cfg: SyntheticVideoConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """Render one video.
 
     Returns:
@@ -140,7 +142,11 @@ def render_video(cfg: SyntheticVideoConfig, rng: np.random.Generator) -> tuple[n
     vel = rng.normal(0, 0.02 * min(h, w), size=2)
     size = min(h, w)
     params = [
-        {"cy": rng.uniform(0.3, 0.7) * h, "cx": rng.uniform(0.3, 0.7) * w, "phase": rng.uniform(0, 2 * math.pi)}
+        {
+            "cy": rng.uniform(0.3, 0.7) * h,
+            "cx": rng.uniform(0.3, 0.7) * w,
+            "phase": rng.uniform(0, 2 * math.pi),
+        }
         for _ in segs
     ]
     for t in range(n):
@@ -172,12 +178,16 @@ def render_video(cfg: SyntheticVideoConfig, rng: np.random.Generator) -> tuple[n
                 dy, dx = yy - p["cy"], xx - p["cx"]
                 along = dx * math.cos(ang) + dy * math.sin(ang)
                 across = -dx * math.sin(ang) + dy * math.cos(ang)
-                _draw(frame, (np.abs(along) <= 1.6 * r) & (np.abs(across) <= 0.35 * r), (230, 210, 40))
+                _draw(
+                    frame, (np.abs(along) <= 1.6 * r) & (np.abs(across) <= 0.35 * r), (230, 210, 40)
+                )
         frames[t] = np.clip(frame, 0, 255).astype(np.uint8)
     return frames, segs
 
 
-def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float, gop: int = 16, crf: int = 18) -> Path:
+def write_mp4(
+    path: str | os.PathLike[str], frames: np.ndarray, fps: float, gop: int = 16, crf: int = 18
+) -> Path:
     """Encode ``uint8 [T, H, W, 3]`` RGB frames to an H.264 ``.mp4`` with PyAV.
 
     Raises:
@@ -196,9 +206,16 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float, gop:
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = gop
         if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": "veryfast", "keyint_min": str(gop), "sc_threshold": "0"}
+            stream.options = {
+                "crf": str(crf),
+                "preset": "veryfast",
+                "keyint_min": str(gop),
+                "sc_threshold": "0",
+            }
         for img in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+            for packet in stream.encode(
+                av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            ):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -207,7 +224,10 @@ def write_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float, gop:
 
 
 def generate_synthetic_videos(
-    root: str | os.PathLike[str], config: SyntheticVideoConfig | None = None, *, overwrite: bool = False
+    root: str | os.PathLike[str],
+    config: SyntheticVideoConfig | None = None,
+    *,
+    overwrite: bool = False,
 ) -> TemporalAnnotations:
     """Write ``root/videos/*.mp4``, ``root/annotations/<Class>_<subset>.txt`` and ``root/annotations.json``.
 

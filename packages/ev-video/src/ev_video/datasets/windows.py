@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from ev_video.datasets.annotations import TemporalAnnotations
 from ev_video.errors import VideoDecodeError
-from ev_video.io import VideoReader, frames_to_clip, resample_indices, sliding_windows
+from ev_video.io import VideoReader, Window, frames_to_clip, resample_indices, sliding_windows
 
 __all__ = ["VideoWindow", "WindowDataset", "collate_windows", "find_video"]
 
@@ -47,7 +47,9 @@ def find_video(folder: str | os.PathLike[str], video_id: str) -> Path:
         p = root / f"{video_id}{ext}"
         if p.is_file():
             return p
-    raise VideoDecodeError(f"no video file for {video_id!r} ({'/'.join(_EXTENSIONS)})", root / video_id)
+    raise VideoDecodeError(
+        f"no video file for {video_id!r} ({'/'.join(_EXTENSIONS)})", root / video_id
+    )
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,9 @@ class WindowDataset(Dataset):
         std: normalisation std.
         cache: keep every decoded window (uint8) in memory after its first read -- for small
             datasets trained for many epochs (the demo); off by default.
+        jitter: random temporal crops for training: each read shifts the window start by a
+            uniform offset in ``[-jitter, jitter]`` frames (clamped to the video), drawn from
+            torch's RNG (seeded per epoch by the training engine).
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class WindowDataset(Dataset):
         mean: tuple[float, ...] | None = (0.5, 0.5, 0.5),
         std: tuple[float, ...] | None = (0.25, 0.25, 0.25),
         cache: bool = False,
+        jitter: int = 0,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -112,6 +118,10 @@ class WindowDataset(Dataset):
         self.on_error = on_error
         self.mean, self.std = mean, std
         self._cache: dict[tuple[str, int], Tensor] | None = {} if cache else None
+        if jitter < 0:
+            raise ValueError(f"jitter must be >= 0, got {jitter}")
+        self.jitter = int(jitter)
+        self._sampled: dict[str, np.ndarray] = {}
         self.windows: list[VideoWindow] = []
         self.skipped: list[str] = []
         for vid in sorted(annotations.videos):
@@ -127,6 +137,7 @@ class WindowDataset(Dataset):
                 continue
             rate = float(fps) if fps else src_fps
             sampled = resample_indices(n, src_fps, rate) if fps else np.arange(n)
+            self._sampled[vid] = sampled
             step = {"stride": stride} if stride is not None else {"overlap": overlap}
             for w in sliding_windows(len(sampled), clip_len, **step):
                 idx = tuple(int(i) for i in sampled[w.indices])
@@ -166,8 +177,18 @@ class WindowDataset(Dataset):
             self._cache[key] = frames
         return frames
 
+    def _jittered(self, window: VideoWindow) -> VideoWindow:
+        sampled = self._sampled[window.video_id]
+        offset = int(torch.randint(-self.jitter, self.jitter + 1, ()))
+        start = min(max(0, window.start + offset), max(0, len(sampled) - self.clip_len))
+        w = Window(start, self.clip_len, len(sampled))
+        idx = tuple(int(i) for i in sampled[w.indices])
+        return VideoWindow(window.video_id, window.path, start, idx, window.fps, w.valid)
+
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         window = self.windows[index]
+        if self.jitter:
+            window = self._jittered(window)
         try:
             clip = self.read_clip(window)
         except VideoDecodeError as exc:

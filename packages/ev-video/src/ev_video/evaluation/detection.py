@@ -175,7 +175,9 @@ class DetectionResult:
         """JSON-able summary (mAP per threshold, average mAP, AP per class)."""
         return {
             "tiou_thresholds": list(self.tiou_thresholds),
-            "map": {f"{t:g}": float(m) for t, m in zip(self.tiou_thresholds, self.map, strict=True)},
+            "map": {
+                f"{t:g}": float(m) for t, m in zip(self.tiou_thresholds, self.map, strict=True)
+            },
             "average_map": self.average_map,
             "ap_per_class": {
                 c: [float(v) for v in self.ap[:, i]] for i, c in enumerate(self.classes)
@@ -187,7 +189,9 @@ class DetectionResult:
 
     def summary(self) -> str:
         """One line: mAP per threshold and the average."""
-        parts = [f"mAP@{t:g}={m * 100:.2f}" for t, m in zip(self.tiou_thresholds, self.map, strict=True)]
+        parts = [
+            f"mAP@{t:g}={m * 100:.2f}" for t, m in zip(self.tiou_thresholds, self.map, strict=True)
+        ]
         return "  ".join(parts) + f"  average={self.average_map * 100:.2f}"
 
 

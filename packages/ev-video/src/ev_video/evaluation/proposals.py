@@ -55,7 +55,7 @@ class ProposalResult:
         last = float(self.proposals_per_video[-1])
         if last <= 0:
             return 0.0
-        trapezoid = getattr(np, "trapezoid", None) or np.trapz  # NumPy < 2 names it trapz
+        trapezoid = getattr(np, "trapezoid", None) or np.trapz  # noqa: NPY201  (NumPy < 2 names it trapz)
         return float(trapezoid(self.average_recall, self.proposals_per_video)) / last
 
     def ar_at(self, an: float) -> float:
@@ -113,7 +113,9 @@ def evaluate_proposals(
         keep = min(int(len(cand) * ratio), len(cand))
         total += keep
         cand = cand[:keep]
-        ious.append(np.stack([segment_iou(s, cand) for s in segs]) if keep else np.zeros((len(segs), 0)))
+        ious.append(
+            np.stack([segment_iou(s, cand) for s in segs]) if keep else np.zeros((len(segs), 0))
+        )
     if total == 0:
         raise AnnotationError(f"max_avg_proposals={an} keeps no proposal in any video")
     pcn = np.arange(1, 101) / 100.0 * (an * len(videos) / total)

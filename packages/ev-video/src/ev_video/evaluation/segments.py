@@ -49,8 +49,10 @@ def check_records(
         AnnotationError: a record misses a key, has a non-finite time or score, or ends
             before it starts; the message names ``what`` and the record's position.
     """
-    keys = ["video_id", "t_start", "t_end"] + (["label"] if label else []) + (
-        ["score"] if score else []
+    keys = (
+        ["video_id", "t_start", "t_end"]
+        + (["label"] if label else [])
+        + (["score"] if score else [])
     )
     out: list[dict[str, Any]] = []
     for i, rec in enumerate(records):
@@ -65,7 +67,9 @@ def check_records(
         except (TypeError, ValueError) as exc:
             raise AnnotationError(f"{what}[{i}] has a non-numeric time or score: {exc}") from None
         if not (math.isfinite(t0) and math.isfinite(t1)) or (sc is not None and math.isnan(sc)):
-            raise AnnotationError(f"{what}[{i}] has a non-finite time or a NaN score: {dict(rec)!r}")
+            raise AnnotationError(
+                f"{what}[{i}] has a non-finite time or a NaN score: {dict(rec)!r}"
+            )
         if t1 < t0:
             raise AnnotationError(f"{what}[{i}] ends ({t1}) before it starts ({t0})")
         item = {"video_id": str(rec["video_id"]), "t_start": t0, "t_end": t1}

@@ -23,6 +23,7 @@ file (and the frame, when one frame fails).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -141,7 +142,9 @@ class _PyAVBackend:
         return self._graph.pull().to_ndarray()
 
     def _seek(self, target: int) -> None:
-        self.container.seek(int(self.pts[target]), stream=self.stream, backward=True, any_frame=False)
+        self.container.seek(
+            int(self.pts[target]), stream=self.stream, backward=True, any_frame=False
+        )
         self._frames = self.container.decode(self.stream)
         self._pos = -1
 
@@ -234,8 +237,12 @@ class VideoReader:
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
-        if (width is None) != (height is None) or any(v is not None and v <= 0 for v in (width, height)):
-            raise ValueError(f"give both width and height (positive) or neither, got {width}x{height}")
+        if (width is None) != (height is None) or any(
+            v is not None and v <= 0 for v in (width, height)
+        ):
+            raise ValueError(
+                f"give both width and height (positive) or neither, got {width}x{height}"
+            )
         self.path = Path(path)
         self.backend = backend
         if not self.path.exists():
@@ -292,7 +299,7 @@ class VideoReader:
     def _check(self, indices: Sequence[int] | Tensor | np.ndarray | range) -> list[int]:
         n = len(self)
         out = []
-        for i in (indices.tolist() if isinstance(indices, (Tensor, np.ndarray)) else indices):
+        for i in indices.tolist() if isinstance(indices, (Tensor, np.ndarray)) else indices:
             j = int(i)
             if j < -n or j >= n:
                 raise IndexError(f"frame index {j} out of range for {self.path} ({n} frames)")
@@ -356,10 +363,8 @@ class VideoReader:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         if self._impl is None:

@@ -163,10 +163,14 @@ def frames_to_clip(
         ``[C, T, H, W]`` (or ``[B, C, T, H, W]``) in ``dtype``.
     """
     if frames.dim() not in (4, 5):
-        raise ValueError(f"expected frames [T, H, W, C] or [B, T, H, W, C], got {tuple(frames.shape)}")
+        raise ValueError(
+            f"expected frames [T, H, W, C] or [B, T, H, W, C], got {tuple(frames.shape)}"
+        )
     x = frames.to(dtype) / 255.0
     x = x.movedim(-1, -4)  # [.., C, T, H, W]
     if mean is not None and std is not None:
         shape = (-1, 1, 1, 1)
-        x = (x - torch.tensor(mean, dtype=dtype).view(shape)) / torch.tensor(std, dtype=dtype).view(shape)
+        x = (x - torch.tensor(mean, dtype=dtype).view(shape)) / torch.tensor(std, dtype=dtype).view(
+            shape
+        )
     return x.contiguous()

@@ -2,9 +2,23 @@
 
 from ev_video.models.attention import WindowAttention3D, window_partition_3d, window_reverse_3d
 from ev_video.models.backbone import STPTBackbone, STPTBlock
-from ev_video.models.head import DetectionHead, TemporalPyramid, assign_targets, detection_loss, diou_loss_1d
+from ev_video.models.head import (
+    DetectionHead,
+    TemporalPyramid,
+    assign_targets,
+    detection_loss,
+    diou_loss_1d,
+)
 from ev_video.models.postprocess import decode_segments, pairwise_tiou, soft_nms
-from ev_video.models.stpt import STPT, STPTConfig, STPTOutput, count_video_flops, create, stpt_s, stpt_tiny
+from ev_video.models.stpt import (
+    STPT,
+    STPTConfig,
+    STPTOutput,
+    count_video_flops,
+    create,
+    stpt_s,
+    stpt_tiny,
+)
 
 __all__ = [
     "STPT",

@@ -30,7 +30,9 @@ def window_partition_3d(x: Tensor, window: tuple[int, int, int]) -> Tensor:
     return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, wt * wh * ww, C)
 
 
-def window_reverse_3d(windows: Tensor, window: tuple[int, int, int], thw: tuple[int, int, int], batch: int) -> Tensor:
+def window_reverse_3d(
+    windows: Tensor, window: tuple[int, int, int], thw: tuple[int, int, int], batch: int
+) -> Tensor:
     """Inverse of :func:`window_partition_3d`: → ``[B, T, H, W, C]``."""
     T, H, W = thw
     wt, wh, ww = window
@@ -62,7 +64,14 @@ class WindowAttention3D(MultiHeadSelfAttention):
         proj_drop: float = 0.0,
         backend: str | None = None,
     ) -> None:
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, backend=backend)
+        super().__init__(
+            dim,
+            num_heads,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            backend=backend,
+        )
         if len(window_size) != 3 or any(int(w) <= 0 for w in window_size):
             raise ValueError(f"window_size must be three positive ints, got {window_size}")
         self.window_size = tuple(int(w) for w in window_size)

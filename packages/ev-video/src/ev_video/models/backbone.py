@@ -34,7 +34,9 @@ def _to_grid(x: Tensor, thw: tuple[int, int, int]) -> Tensor:
 class Stem3D(nn.Module):
     """3D patch embedding: Conv3d + LayerNorm → tokens ``[B, N, C]`` and ``(T, H, W)``."""
 
-    def __init__(self, in_chans: int, dim: int, kernel: Sequence[int], stride: Sequence[int]) -> None:
+    def __init__(
+        self, in_chans: int, dim: int, kernel: Sequence[int], stride: Sequence[int]
+    ) -> None:
         super().__init__()
         kernel, stride = tuple(kernel), tuple(stride)
         pad = tuple((k - s + 1) // 2 for k, s in zip(kernel, stride, strict=True))
@@ -151,7 +153,9 @@ class STPTBackbone(nn.Module):
             blocks = []
             for _ in range(depths[i]):
                 w = None if windows[i] is None else tuple(int(v) for v in windows[i])  # type: ignore[union-attr]
-                blocks.append(STPTBlock(dims[i], num_heads[i], w, mlp_ratio, rates[k], attention_backend))  # type: ignore[arg-type]
+                blocks.append(
+                    STPTBlock(dims[i], num_heads[i], w, mlp_ratio, rates[k], attention_backend)
+                )  # type: ignore[arg-type]
                 k += 1
             self.stages.append(nn.ModuleList(blocks))
         self.dims = list(dims)

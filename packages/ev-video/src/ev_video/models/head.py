@@ -35,7 +35,12 @@ class TemporalPyramid(nn.Module):
     """Spatially pooled backbone stages → ``num_levels`` 1D feature maps ``[B, dim, Lₗ]``."""
 
     def __init__(
-        self, in_dims: Sequence[int], in_strides: Sequence[int], dim: int, num_levels: int, pool: str = "max"
+        self,
+        in_dims: Sequence[int],
+        in_strides: Sequence[int],
+        dim: int,
+        num_levels: int,
+        pool: str = "max",
     ) -> None:
         super().__init__()
         if pool not in ("max", "mean", "meanmax"):
@@ -47,11 +52,15 @@ class TemporalPyramid(nn.Module):
             nn.Sequential(nn.Conv1d(c, dim, 1), nn.GroupNorm(1, dim), nn.GELU()) for c in in_dims
         )
         self.down = nn.ModuleList(
-            nn.Sequential(nn.Conv1d(dim, dim, 3, stride=2, padding=1), nn.GroupNorm(1, dim), nn.GELU())
+            nn.Sequential(
+                nn.Conv1d(dim, dim, 3, stride=2, padding=1), nn.GroupNorm(1, dim), nn.GELU()
+            )
             for _ in range(num_levels - len(in_dims))
         )
         last = int(in_strides[-1])
-        self.strides = [int(s) for s in in_strides] + [last * 2 ** (k + 1) for k in range(len(self.down))]
+        self.strides = [int(s) for s in in_strides] + [
+            last * 2 ** (k + 1) for k in range(len(self.down))
+        ]
 
     def forward(self, stages: Sequence[tuple[Tensor, tuple[int, int, int]]]) -> list[Tensor]:
         feats = []
@@ -90,7 +99,9 @@ def _tower(dim: int, layers: int) -> nn.Sequential:
 class DetectionHead(nn.Module):
     """Anchor-free classification + start/end regression head shared over pyramid levels."""
 
-    def __init__(self, dim: int, num_classes: int, num_levels: int, layers: int = 2, prior: float = 0.01) -> None:
+    def __init__(
+        self, dim: int, num_classes: int, num_levels: int, layers: int = 2, prior: float = 0.01
+    ) -> None:
         super().__init__()
         self.cls_tower = _tower(dim, layers)
         self.reg_tower = _tower(dim, layers)
@@ -115,13 +126,20 @@ class DetectionHead(nn.Module):
 
 
 def make_points(
-    lengths: Sequence[int], strides: Sequence[int], ranges: Sequence[tuple[float, float]], device: torch.device | None = None
+    lengths: Sequence[int],
+    strides: Sequence[int],
+    ranges: Sequence[tuple[float, float]],
+    device: torch.device | None = None,
 ) -> Tensor:
     """Point table ``[P, 4]``: ``(centre frame, stride, range lo, range hi)`` per point."""
     rows = []
     for n, s, (lo, hi) in zip(lengths, strides, ranges, strict=True):
         c = (torch.arange(n, dtype=torch.float32, device=device) + 0.5) * s
-        rows.append(torch.stack([c, torch.full_like(c, s), torch.full_like(c, lo), torch.full_like(c, hi)], 1))
+        rows.append(
+            torch.stack(
+                [c, torch.full_like(c, s), torch.full_like(c, lo), torch.full_like(c, hi)], 1
+            )
+        )
     return torch.cat(rows, 0)
 
 
@@ -208,10 +226,20 @@ def detection_loss(
     reg_target = torch.stack(reg_t)
     pos = cls_target.sum(-1) > 0
     num_pos = pos.sum().clamp_min(1).to(cls_logits.dtype)
-    cls_loss = sigmoid_focal_loss(cls_logits.float(), cls_target, alpha=alpha, gamma=gamma, reduction="sum") / num_pos
+    cls_loss = (
+        sigmoid_focal_loss(
+            cls_logits.float(), cls_target, alpha=alpha, gamma=gamma, reduction="sum"
+        )
+        / num_pos
+    )
     if pos.any():
         reg_loss = diou_loss_1d(distances[pos].float(), reg_target[pos]).sum() / num_pos
     else:
         reg_loss = distances.sum() * 0.0
     loss = cls_loss + reg_weight * reg_loss
-    return {"loss": loss, "cls_loss": cls_loss.detach(), "reg_loss": reg_loss.detach(), "num_pos": num_pos.detach()}
+    return {
+        "loss": loss,
+        "cls_loss": cls_loss.detach(),
+        "reg_loss": reg_loss.detach(),
+        "num_pos": num_pos.detach(),
+    }

@@ -15,7 +15,9 @@ __all__ = ["decode_segments", "pairwise_tiou", "soft_nms"]
 
 def pairwise_tiou(a: Tensor, b: Tensor) -> Tensor:
     """tIoU of ``[N, 2]`` against ``[M, 2]`` segments → ``[N, M]`` (0 where the union is 0)."""
-    inter = (torch.minimum(a[:, None, 1], b[None, :, 1]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp_min(0)
+    inter = (
+        torch.minimum(a[:, None, 1], b[None, :, 1]) - torch.maximum(a[:, None, 0], b[None, :, 0])
+    ).clamp_min(0)
     union = (a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0])[None] - inter
     return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(inter))
 

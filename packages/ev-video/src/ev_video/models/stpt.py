@@ -137,9 +137,15 @@ class STPT(nn.Module):
         )  # fmt: skip
         k = c.pyramid_stages
         self.pyramid = TemporalPyramid(
-            c.dims[-k:], self.backbone.temporal_strides[-k:], c.fpn_dim, len(c.regression_ranges), c.spatial_pool
+            c.dims[-k:],
+            self.backbone.temporal_strides[-k:],
+            c.fpn_dim,
+            len(c.regression_ranges),
+            c.spatial_pool,
         )
-        self.head = DetectionHead(c.fpn_dim, c.num_classes, len(c.regression_ranges), c.head_layers, c.cls_prior)
+        self.head = DetectionHead(
+            c.fpn_dim, c.num_classes, len(c.regression_ranges), c.head_layers, c.cls_prior
+        )
         self.num_classes = c.num_classes
         self.apply(self._init)  # Linear layers only: the head's prior bias stays
 
@@ -165,10 +171,14 @@ class STPT(nn.Module):
         stages = self.backbone(x)
         feats = self.pyramid(stages[-self.config.pyramid_stages :])
         cls, dist = self.head(feats)
-        points = make_points([f.shape[-1] for f in feats], self.strides, self.config.regression_ranges, x.device)
+        points = make_points(
+            [f.shape[-1] for f in feats], self.strides, self.config.regression_ranges, x.device
+        )
         return STPTOutput(cls, dist, points)
 
-    def loss(self, out: STPTOutput, segments: list[Tensor], labels: list[Tensor]) -> dict[str, Tensor]:
+    def loss(
+        self, out: STPTOutput, segments: list[Tensor], labels: list[Tensor]
+    ) -> dict[str, Tensor]:
         """Focal + DIoU losses (see :func:`ev_video.models.head.detection_loss`).
 
         Args:
@@ -183,20 +193,32 @@ class STPT(nn.Module):
         )  # fmt: skip
 
     @torch.no_grad()
-    def predict(self, x: Tensor, valid: list[float] | None = None, nms: bool = True) -> list[dict[str, Tensor]]:
+    def predict(
+        self, x: Tensor, valid: list[float] | None = None, nms: bool = True
+    ) -> list[dict[str, Tensor]]:
         """Segments of each clip (frames of the clip), Soft-NMS applied per clip when ``nms``.
 
         Returns:
             Per clip ``{"segments": [M, 2], "scores": [M], "labels": [M]}``.
         """
         out = self(x)
-        return [self.postprocess(out, b, None if valid is None else valid[b], nms) for b in range(x.shape[0])]
+        return [
+            self.postprocess(out, b, None if valid is None else valid[b], nms)
+            for b in range(x.shape[0])
+        ]
 
-    def postprocess(self, out: STPTOutput, b: int, valid: float | None = None, nms: bool = True) -> dict[str, Tensor]:
+    def postprocess(
+        self, out: STPTOutput, b: int, valid: float | None = None, nms: bool = True
+    ) -> dict[str, Tensor]:
         """Decode clip ``b`` of a forward output (optionally with Soft-NMS)."""
         c = self.config
         seg, sc, lab = decode_segments(
-            out.cls_logits[b], out.distances[b], out.points, valid=valid, min_score=c.min_score, topk=c.pre_nms_topk
+            out.cls_logits[b],
+            out.distances[b],
+            out.points,
+            valid=valid,
+            min_score=c.min_score,
+            topk=c.pre_nms_topk,
         )
         if nms:
             seg, sc, lab = soft_nms(
@@ -206,7 +228,9 @@ class STPT(nn.Module):
         return {"segments": seg, "scores": sc, "labels": lab}
 
 
-def count_video_flops(model: nn.Module, input_size: tuple[int, int, int, int], batch_size: int = 1) -> int:
+def count_video_flops(
+    model: nn.Module, input_size: tuple[int, int, int, int], batch_size: int = 1
+) -> int:
     """FLOPs of one forward pass on ``[batch_size, *input_size]`` (``(C, T, H, W)``), eval, no grad.
 
     Uses :class:`torch.utils.flop_counter.FlopCounterMode` with ev-core's extra formulas (SDPA
@@ -230,7 +254,13 @@ def count_video_flops(model: nn.Module, input_size: tuple[int, int, int, int], b
     return int(counter.get_total_flops())
 
 
-_TIMM_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "drop_rate")
+_TIMM_KWARGS = (
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "cache_dir",
+    "features_only",
+    "drop_rate",
+)
 
 
 def _build(name: str, pretrained: bool, **kwargs: Any) -> STPT:
