@@ -126,12 +126,17 @@ def demo_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path(
         "ev-adapt-demo"
     ),
-    full: Annotated[bool, typer.Option("--full/--quick", help="Longer runs (minutes).")] = False,
+    full: Annotated[
+        bool, typer.Option("--full", help="600 steps, 1 and 3 shots (minutes).")
+    ] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="60 steps: a smoke test (seconds).")
+    ] = False,
 ) -> None:
     """The digits shift: MCL vs source-only, FixMatch and MME; accuracy-over-steps PNG + metrics."""
     from ev_adapt.demo import run_demo
 
-    run_demo(out, quick=not full)
+    run_demo(out, quick=quick, full=full)
 
 
 def main() -> None:

@@ -18,8 +18,11 @@ from ev_core.io import write_json
 __all__ = ["run_demo"]
 
 
-def run_demo(out_dir: Path, quick: bool = True) -> dict[str, Any]:
-    """Train every method on the digits shift (3 shots; ``quick``: 300 steps, else 600 and 1 shot too).
+def run_demo(out_dir: Path, quick: bool = False, full: bool = False) -> dict[str, Any]:
+    """Train every method on the digits shift and compare them.
+
+    Default: 3 shots, 300 steps per method. ``quick``: 60 steps (a smoke test, OT from step
+    30). ``full``: 600 steps, 3 and 1 shots.
 
     Writes ``metrics.json`` and ``target_accuracy.png`` (when matplotlib is installed) into
     ``out_dir`` and prints their paths.
@@ -34,8 +37,10 @@ def run_demo(out_dir: Path, quick: bool = True) -> dict[str, Any]:
         print(
             "matplotlib is not installed: target_accuracy.png will be skipped (pip install matplotlib)"
         )
-    steps, eval_every = (300, 50) if quick else (600, 50)
-    shot_list = (3,) if quick else (3, 1)
+    steps, eval_every, ot_start = (
+        (600, 50, 250) if full else (60, 20, 30) if quick else (300, 50, 250)
+    )
+    shot_list = (3, 1) if full else (3,)
     model_config = AdaptModelConfig(
         backbone="digits_cnn", num_classes=10, bottleneck_dim=64, in_chans=1
     )
@@ -48,7 +53,12 @@ def run_demo(out_dir: Path, quick: bool = True) -> dict[str, Any]:
         for method in METHODS:
             torch.manual_seed(0)
             config = AdaptConfig.preset(
-                "digits", method=method, steps=steps, eval_every=eval_every, device="cpu"
+                "digits",
+                method=method,
+                steps=steps,
+                eval_every=eval_every,
+                ot_start=ot_start,
+                device="cpu",
             )
             result = train_adaptation(
                 data,
