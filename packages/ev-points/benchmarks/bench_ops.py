@@ -131,7 +131,7 @@ def main() -> None:
                 suite.add(f"naive {group}", fn, group=group, baseline=p3d_reason is not None, items_per_call=args.batch,
                           same_idx_as_native=same)  # fmt: skip
             suite.print_table()
-    suite.write_json(args.out)
+            suite.write_json(args.out)  # after every group: a killed long run keeps its rows
     print(f"wrote {args.out}")
 
 

@@ -30,6 +30,7 @@ def _scenario(
     source: str | None,
     target: str | None,
     backbone: str,
+    pretrained: bool = True,
 ) -> tuple[DomainData, AdaptModelConfig]:
     from ev_adapt.data import ImageListDomainData, digits_shift, mme_lists
     from ev_adapt.models import AdaptModelConfig
@@ -37,6 +38,8 @@ def _scenario(
     from ev_core.errors import EvError
 
     if benchmark == "digits":
+        if shots < 1:
+            raise EvError(f"--shots must be >= 1, got {shots}")
         return digits_shift(seed, shots), AdaptModelConfig(
             backbone="digits_cnn", num_classes=10, bottleneck_dim=64, in_chans=1
         )
@@ -47,7 +50,7 @@ def _scenario(
     lists = mme_lists(list_dir, image_root, benchmark, source, target, shots)
     weak, strong, test = mme_transforms()
     return ImageListDomainData(lists, weak, strong, test), AdaptModelConfig(
-        backbone=backbone, num_classes=lists.num_classes
+        backbone=backbone, num_classes=lists.num_classes, pretrained=pretrained
     )
 
 
@@ -70,23 +73,39 @@ def train_cmd(
     backbone: Annotated[
         str, typer.Option(help="timm/ev backbone for MME-list benchmarks.")
     ] = "resnet34",
+    pretrained: Annotated[
+        bool,
+        typer.Option(
+            "--pretrained/--scratch",
+            help="MME-list benchmarks: start from the backbone's ImageNet weights (MCL's "
+            "protocol; timm must find them) or from scratch.",
+        ),
+    ] = True,
     steps: Annotated[
         int | None, typer.Option(help="Optimizer steps (default: the benchmark's).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    amp: Annotated[str, typer.Option(help="auto, off, bf16 or fp16 (CUDA).")] = "auto",
 ) -> None:
     """Train MCL (or a baseline) and write weights, metrics and checkpoints to OUT."""
     from ev_adapt.config import AdaptConfig
     from ev_adapt.models import build_model
     from ev_adapt.trainer import train_adaptation
 
-    overrides: dict[str, object] = {"method": method, "seed": seed, "device": device}
+    from ev_core.errors import EvError
+
+    overrides: dict[str, object] = {"method": method, "seed": seed, "device": device, "amp": amp}
     if steps is not None:
         overrides["steps"] = steps
-    config = AdaptConfig.preset(benchmark, **overrides)
+    if amp not in ("auto", "off", "bf16", "fp16"):
+        raise EvError(f"--amp must be auto, off, bf16 or fp16, got {amp!r}")
+    try:
+        config = AdaptConfig.preset(benchmark, **overrides)
+    except ValueError as exc:  # the config's own checks name the option
+        raise EvError(f"--{exc}") from None
     data, model_config = _scenario(
-        benchmark, seed, shots, list_dir, image_root, source, target, backbone
+        benchmark, seed, shots, list_dir, image_root, source, target, backbone, pretrained
     )
     result = train_adaptation(data, build_model(model_config), config, out, model_config)
     typer.echo(json.dumps({"final": result.final, "best_ema_val": result.best_ema_val}, indent=2))

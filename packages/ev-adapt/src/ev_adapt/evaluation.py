@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -37,7 +38,8 @@ def load_model(weights: str | Path) -> tuple[AdaptNet, AdaptModelConfig]:
         raise EvError(
             f"the model config beside the weights is not an AdaptModelConfig: {exc}", path=path
         ) from None
-    model = build_model(model_config)
+    # the trained weights replace the backbone's: never fetch pretrained ones again
+    model = build_model(dataclasses.replace(model_config, pretrained=False))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

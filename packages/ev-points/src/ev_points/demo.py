@@ -62,7 +62,7 @@ class DemoConfig:
     def quick(cls) -> DemoConfig:
         """A few seconds: fewer, smaller rooms and steps."""
         return cls(train_scenes=3, val_scenes=1, scene=SyntheticSceneConfig(num_points=768), steps=8,
-                   batch_size=2, num_points=384)  # fmt: skip
+                   batch_size=2, num_points=384, threads=1)  # fmt: skip
 
     @classmethod
     def full(cls) -> DemoConfig:

@@ -196,6 +196,13 @@ def pretrain_cmd(
     ] = True,
     local_weight: Annotated[float, typer.Option(help="Its weight.", rich_help_panel=_OPT)] = 0.5,
     local_temperature: Annotated[float, typer.Option(help="Its τ.", rich_help_panel=_OPT)] = 0.2,
+    local_negatives: Annotated[
+        str,
+        typer.Option(
+            help="Local-term negatives: 'batch' (every other stripe) or 'image' (same image's).",
+            rich_help_panel=_OPT,
+        ),
+    ] = "batch",
     num_stripes: Annotated[int, typer.Option(help="Horizontal stripes.", rich_help_panel=_OPT)] = 3,
     height: Annotated[int, typer.Option(help="View height.", rich_help_panel=_DATA)] = 256,
     width: Annotated[int, typer.Option(help="View width.", rich_help_panel=_DATA)] = 128,
@@ -263,6 +270,7 @@ def pretrain_cmd(
         local_term=local_term,
         local_weight=local_weight,
         local_temperature=local_temperature,
+        local_negatives=local_negatives,  # type: ignore[arg-type]
         views=PretrainViewConfig(height=height, width=width, num_stripes=num_stripes),
         ssl=ssl,
         batch_size=batch_size,

@@ -188,7 +188,12 @@ class _MesaContext:
             local.cache = {}
             local.seen = set()
             outer = _top_saved_tensors_hooks()
-            if not in_backward and self.enabled and not _is_checkpoint_hook(outer):
+            if (
+                not in_backward
+                and self.enabled
+                and not _is_checkpoint_hook(outer)
+                and not _under_torch_compile()
+            ):
                 local.outer = outer
                 local.params = {
                     t.untyped_storage().data_ptr()
@@ -458,6 +463,14 @@ def _top_saved_tensors_hooks() -> tuple[Any, Any] | None:
     """The saved-tensor hooks active now (outside the model), if any."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top(False) if top is not None else None
+
+
+def _under_torch_compile() -> bool:
+    """Whether a ``torch.compile`` d call is running (its AOT graphs save tensors as views that
+    they rebuild with ``as_strided``: the saved-tensor hooks stay off; the Mesa functions of the
+    mode still compress at the graph breaks)."""
+    get = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", None)
+    return get is not None and get() not in (None, False)
 
 
 def _is_checkpoint_hook(hooks: tuple[Any, Any] | None) -> bool:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torchvision.ops import deform_conv2d
 
 __all__ = [
@@ -284,7 +285,8 @@ def measured_dtm_path(conv: DeformConv2x2, x: Tensor, offset: Tensor, repeats: i
     ``repeats`` timed runs of each path after one warm-up, no autograd) and cached in
     :data:`DTM_PATH_CACHE`; a path that raises (e.g. torchvision without a kernel for the
     dtype) is not a candidate. Under ``torch.compile`` or FX tracing an uncached key gives
-    ``"fast"`` (nothing is timed while tracing).
+    ``"fast"`` (nothing is timed while tracing), as does a call under a ``TorchDispatchMode``
+    (e.g. the FLOP counter) or on the meta device.
     """
     key = (x.device.type, _compute_dtype(x), conv.in_channels, conv.out_channels)
     hit = DTM_PATH_CACHE.get(key)
@@ -292,6 +294,8 @@ def measured_dtm_path(conv: DeformConv2x2, x: Tensor, offset: Tensor, repeats: i
         return hit
     if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
         return "fast"
+    if _get_current_dispatch_mode() is not None or x.device.type == "meta":
+        return "fast"  # e.g. under the FLOP counter: nothing is timed (or counted twice)
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     times: dict[str, float] = {}
     with torch.no_grad():
