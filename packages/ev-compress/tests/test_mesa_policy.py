@@ -92,8 +92,7 @@ def test_policy_files_round_trip(tmp_path: Path, suffix: str) -> None:
     if suffix == ".json":
         policy.save(path)
     else:
-        import yaml
-
+        yaml = pytest.importorskip("yaml", reason="YAML policies need the yaml extra (PyYAML)")
         path.write_text(yaml.safe_dump(policy.to_dict()))
     assert mesa.load_policy(path) == policy
     assert json.loads(json.dumps(policy.to_dict())) == policy.to_dict()

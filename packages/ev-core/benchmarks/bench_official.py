@@ -78,8 +78,15 @@ class TorchvisionDeformConv2dPack(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        offset = self.conv_offset(x)
-        return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding)
+        return self.deform(x, self.conv_offset(x))
+
+    def deform(self, x: Tensor, offset: Tensor) -> Tensor:
+        """torchvision has no bf16/fp16 CPU kernel: such inputs run in fp32, cast back."""
+        if x.dtype in (torch.float32, torch.float64):
+            return deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding)
+        out = deform_conv2d(x.float(), offset.float(), self.weight.float(), self.bias.float(),
+                            self.stride, self.padding)  # fmt: skip
+        return out.to(x.dtype)
 
 
 class TorchvisionDeformConv2dPackLIT(TorchvisionDeformConv2dPack):
@@ -87,8 +94,7 @@ class TorchvisionDeformConv2dPackLIT(TorchvisionDeformConv2dPack):
 
     def forward(self, x: Tensor, return_offset: bool = False) -> Any:  # type: ignore[override]
         offset = self.conv_offset(x)
-        out = deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding)
-        return out, (offset if return_offset else None)
+        return self.deform(x, offset), (offset if return_offset else None)
 
 
 def load_official(

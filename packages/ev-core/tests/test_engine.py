@@ -437,3 +437,49 @@ def test_resume_on_cuda_restores_rng(tmp_path: Path) -> None:
 
     run(2)
     assert run(None).state.step == 8  # state.pt's RNG tensors must be restored on the CPU
+
+
+class _NoisyData(torch.utils.data.Dataset):
+    """Random augmentation inside the workers (their RNG is not in any checkpoint)."""
+
+    def __init__(self) -> None:
+        self.x = torch.randn(48, 4, generator=torch.Generator().manual_seed(5))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.x[i] + 0.1 * torch.randn(4)
+        return x, (x.sum() > 0).long()
+
+
+def test_mid_epoch_resume_is_exact_with_loader_workers(tmp_path: Path) -> None:
+    def run(out: Path, stop: int | None) -> dict[str, torch.Tensor]:
+        model = _model()
+        loader = DataLoader(
+            _NoisyData(), batch_size=8, shuffle=True, num_workers=2, generator=torch.Generator()
+        )
+        engine = Engine(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            EngineConfig(epochs=2, checkpoint_every=2),
+            out_dir=out,
+        )
+        engine.fit(loader, _ce, stop_at_step=stop)
+        return model.state_dict()
+
+    full = run(tmp_path / "full", None)
+    run(tmp_path / "split", 3)  # mid-epoch 1 (6 batches per epoch)
+    _assert_same(full, run(tmp_path / "split", None))
+
+
+def test_persistent_workers_warn_that_resume_is_not_exact() -> None:
+    class Loader(list):  # what the engine reads of a DataLoader with persistent workers
+        persistent_workers = True
+        num_workers = 2
+
+    x = torch.randn(8, 4)
+    model = _model()
+    engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.1), EngineConfig())
+    with pytest.warns(RuntimeWarning, match="persistent_workers"):
+        engine.fit(Loader([(x, (x.sum(1) > 0).long())]), _ce)

@@ -17,6 +17,8 @@ def test_quick_demo_writes_metrics_and_figure(tmp_path: Path) -> None:
     for method in ("labelled-only", "pointmatch"):
         assert 0.0 <= saved[method]["miou"] <= 1.0
         assert saved[method]["labelled_points"] == summary[method]["labelled_points"] > 0
-    assert saved["miou_gain"] == pytest.approx(saved["pointmatch"]["miou"] - saved["labelled-only"]["miou"])
+    assert saved["miou_gain"] == pytest.approx(
+        saved["pointmatch"]["miou"] - saved["labelled-only"]["miou"]
+    )
     assert (tmp_path / "topdown.png").stat().st_size > 10_000
     assert (tmp_path / "config.json").is_file()

@@ -92,7 +92,6 @@ def train_cmd(
     from ev_adapt.config import AdaptConfig
     from ev_adapt.models import build_model
     from ev_adapt.trainer import train_adaptation
-
     from ev_core.errors import EvError
 
     overrides: dict[str, object] = {"method": method, "seed": seed, "device": device, "amp": amp}

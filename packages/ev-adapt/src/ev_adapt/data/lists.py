@@ -3,6 +3,10 @@
 File names follow the MME/MCL release (``data/txt/<benchmark>/``):
 ``labeled_source_images_<source>.txt``, ``labeled_target_images_<target>_<shots>.txt``,
 ``unlabeled_target_images_<target>_<shots>.txt``, ``validation_target_images_<target>_3.txt``.
+VisDA-2017 uses MCL's names instead: ``image_list.txt`` (the source list, VisDA's own
+``train/image_list.txt``, not shipped with MCL), ``set1_{labeled,unlabeled}_target_images_sketch_<shots>.txt``
+and ``validation.txt``, with source paths relative to ``<image_root>/train`` and target paths
+to ``<image_root>/validation``.
 """
 
 from __future__ import annotations
@@ -150,15 +154,32 @@ def mme_lists(
         )
     if shots not in (1, 3):
         raise ImageListError(f"--shots must be 1 or 3, got {shots}")
+    domains = BENCHMARK_DOMAINS[benchmark]
+    for option, domain in (("--source", source), ("--target", target)):
+        if domain not in domains:
+            raise ImageListError(
+                f"{option} must be one of {list(domains)} for {benchmark}, got {domain!r}"
+            )
     folder = Path(list_dir)
-    names = {
-        "labeled_source": f"labeled_source_images_{source}.txt",
-        "labeled_target": f"labeled_target_images_{target}_{shots}.txt",
-        "unlabeled_target": f"unlabeled_target_images_{target}_{shots}.txt",
-        "validation": f"validation_target_images_{target}_3.txt",
-    }
+    root = Path(image_root)
+    if benchmark == "visda":  # MCL's VisDA lists (source: VisDA's own train list)
+        names = {
+            "labeled_source": "image_list.txt",
+            "labeled_target": f"set1_labeled_target_images_sketch_{shots}.txt",
+            "unlabeled_target": f"set1_unlabeled_target_images_sketch_{shots}.txt",
+            "validation": "validation.txt",
+        }
+        roots = {key: root / target for key in names} | {"labeled_source": root / source}
+    else:
+        names = {
+            "labeled_source": f"labeled_source_images_{source}.txt",
+            "labeled_target": f"labeled_target_images_{target}_{shots}.txt",
+            "unlabeled_target": f"unlabeled_target_images_{target}_{shots}.txt",
+            "validation": f"validation_target_images_{target}_3.txt",
+        }
+        roots = {key: root for key in names}
     read = {
-        key: read_image_list(folder / name, image_root, check_files) for key, name in names.items()
+        key: read_image_list(folder / name, roots[key], check_files) for key, name in names.items()
     }
     num_classes = 1 + max(e.label for entries in read.values() for e in entries)
     return SSDALists(num_classes=num_classes, **read)

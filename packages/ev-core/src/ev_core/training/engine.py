@@ -539,6 +539,14 @@ class Engine:
             raise EvError(f"{self.name}: the training data is empty (0 batches)")
         total = self._total_steps(loader)
         accum = cfg.grad_accum_steps
+        if getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0:
+            message = (
+                f"{self.name}: the loader has persistent_workers=True: its workers' RNG carries over "
+                "between epochs and is not in the checkpoints, so randomness drawn inside the "
+                "workers differs after a resume (persistent_workers=False resumes bit-exactly)"
+            )
+            _log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
         for hook in self.hooks:
             hook.on_fit_start(self)
         self.model.train()

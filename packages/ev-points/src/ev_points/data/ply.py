@@ -7,6 +7,7 @@ Enough for ScanNet's ``_vh_clean_2.ply``: the ``vertex`` element (``x y z red gr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -22,7 +23,9 @@ _TYPES = {
 }  # fmt: skip
 
 
-def _parse_header(path: Path, fh) -> tuple[str, list[tuple[str, int, list[tuple[str, str]]]], int]:
+def _parse_header(
+    path: Path, fh: BinaryIO
+) -> tuple[str, list[tuple[str, int, list[tuple[str, str]]]], int]:
     first = fh.readline()
     if first.strip() != b"ply":
         raise PointDataError("not a PLY file (first line is not 'ply')", path=path, line=1)

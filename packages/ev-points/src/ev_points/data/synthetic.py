@@ -60,7 +60,9 @@ class SyntheticSceneConfig:
     tint: float = 30.0
 
 
-def _box_surface(rng, center, size, yaw, n) -> np.ndarray:
+def _box_surface(
+    rng: np.random.Generator, center: tuple, size: tuple, yaw: float, n: int
+) -> np.ndarray:
     """``n`` points uniform on the surface of a box (area-weighted faces), rotated about z."""
     sx, sy, sz = size
     areas = np.array([sy * sz, sy * sz, sx * sz, sx * sz, sx * sy, sx * sy])
@@ -76,7 +78,9 @@ def _box_surface(rng, center, size, yaw, n) -> np.ndarray:
     return u @ rot.T + np.asarray(center)
 
 
-def _parts(rng, kind: str, x: float, y: float, yaw: float) -> list[tuple[tuple, tuple]]:
+def _parts(
+    rng: np.random.Generator, kind: str, x: float, y: float, yaw: float
+) -> list[tuple[tuple, tuple]]:
     """(center, size) boxes of one furniture object standing at (x, y)."""
     if kind == "table":
         w, d, h = rng.uniform(0.8, 1.6), rng.uniform(0.6, 0.9), rng.uniform(0.7, 0.78)

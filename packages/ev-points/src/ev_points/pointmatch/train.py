@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ev_core.errors import EvError
-from ev_core.training import Engine, EngineConfig, FitResult, Hook
+from ev_core.training import Engine, EngineConfig, FitResult, Hook, StepFn
 from ev_points.data.scene import IGNORE_INDEX, PointScene
 from ev_points.metrics import SegmentationMeter
 from ev_points.models import PointUNet, PointUNetConfig
@@ -155,7 +155,7 @@ def _ramp(engine: Engine, cfg: PointMatchConfig) -> float:
     return cfg.consistency_weight * min(1.0, engine.state.step / total)
 
 
-def make_step_fn(cfg: PointMatchConfig):
+def make_step_fn(cfg: PointMatchConfig) -> StepFn:
     """The step function for :meth:`Engine.fit` (see the module docstring)."""
 
     def step(model: torch.nn.Module, batch: dict[str, Tensor], engine: Engine) -> dict[str, Tensor]:
@@ -163,6 +163,8 @@ def make_step_fn(cfg: PointMatchConfig):
         xyz, rgb, label = batch["xyz"], batch["rgb"], batch["label"]
         wx, wf = weak_view(xyz, rgb, cfg.augment)
         raw = engine.raw_model
+        if not isinstance(raw, PointUNet):
+            raise EvError(f"PointMatch trains a PointUNet, got {type(raw).__name__}")
         w_pyr = raw.pyramid(wx)
         logits_w = model(wx, wf, w_pyr)
         has = label >= 0
@@ -174,7 +176,7 @@ def make_step_fn(cfg: PointMatchConfig):
         logits_s = model(sx, sf, raw.pyramid(sx))
         sup_s = F.cross_entropy(logits_s[has].float(), label[has]) if has.any() else zero
         with torch.no_grad():
-            teacher = engine.ema.module if engine.ema is not None else raw
+            teacher: torch.nn.Module = engine.ema.module if engine.ema is not None else raw
             probs = teacher(wx, wf, w_pyr).float().softmax(-1)
             pseudo = pseudo_labels(
                 probs, wx, label, threshold=cfg.threshold, propagate_k=cfg.propagate_k
@@ -221,7 +223,7 @@ def evaluate(
     for scene in scenes:
         meter.update(predict_scene(model, scene, device), scene.segment)
     model.train(was_training)
-    out = meter.compute()
+    out: dict[str, Any] = dict(meter.compute())
     out["protocol"] = "all original points, no TTA"
     return out
 
@@ -239,11 +241,15 @@ class TrainOutcome:
 
 
 class _EvalHook(Hook):
-    def __init__(self, scenes, num_classes, names):
+    def __init__(
+        self, scenes: list[PointScene], num_classes: int, names: Sequence[str] | None
+    ) -> None:
         self.scenes, self.num_classes, self.names = scenes, num_classes, names
 
     def on_eval(self, engine: Engine, epoch: int) -> dict[str, float] | None:
         model = engine.ema.module if engine.ema is not None else engine.raw_model
+        if not isinstance(model, PointUNet):  # pragma: no cover - train_pointmatch builds one
+            return None
         res = evaluate(model, self.scenes, self.num_classes, self.names, engine.device)
         return {"val_miou": res["miou"], "val_oa": res["oa"]}
 
@@ -290,7 +296,7 @@ def train_pointmatch(
     samples = cfg.batch_size * max(1, min(cfg.steps, 50))  # an "epoch" of at most 50 steps
     data = WeakLabelDataset(scenes, masks, cfg.num_points, samples * engine.world_size)
     if engine.world_size > 1:  # each rank its share; the engine calls set_epoch
-        sampler = DistributedSampler(
+        sampler: DistributedSampler[dict[str, Tensor]] = DistributedSampler(
             data, engine.world_size, engine.rank, shuffle=True, seed=cfg.engine.seed, drop_last=True
         )
         loader = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
