@@ -152,7 +152,9 @@ def test_custom_autograd_function_and_ev_dtm() -> None:
 
 
 def test_summary_lists_what_stays_full_precision() -> None:
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 15 * 15, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 15 * 15, 4)
+    )
     conv = mesa.convert(model)
     conv(torch.randn(2, 3, 32, 32)).sum().backward()
     s = mesa.summary(conv)

@@ -51,7 +51,5 @@ def test_mesa_summary_command(tmp_path: Path) -> None:
     )
     assert only_fc.exit_code == 0 and "compressed calls: linear: 49" in only_fc.output
     policy.write_text("on fc:\n  colour: red\n")
-    bad = runner.invoke(
-        app, ["mesa-summary", "vit_tiny_patch16_224", "--policy", str(policy)]
-    )
+    bad = runner.invoke(app, ["mesa-summary", "vit_tiny_patch16_224", "--policy", str(policy)])
     assert bad.exit_code != 0 and isinstance(bad.exception, Exception)

@@ -290,8 +290,9 @@ def test_meter_separates_autocast_weight_casts() -> None:
         with mesa.SavedTensorMeter(params, activations_only=True) as acts:
             model(x)
     # autocast keeps a bf16 copy of every linear weight for backward: counted apart
-    weights = sum(p.numel() * 2 for n, p in model.named_parameters() if n.endswith("weight")
-                  and p.dim() == 2)
+    weights = sum(
+        p.numel() * 2 for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2
+    )
     assert acts.param_cast_bytes >= weights
     assert acts.total_bytes + acts.param_cast_bytes == everything.total_bytes
 

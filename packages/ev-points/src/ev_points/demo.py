@@ -45,14 +45,14 @@ class DemoConfig:
         seed: seed of the scenes, the labels and the weights.
     """
 
-    train_scenes: int = 8
+    train_scenes: int = 6
     val_scenes: int = 3
     scene: SyntheticSceneConfig = field(
         default_factory=lambda: SyntheticSceneConfig(num_points=2048)
     )
     label_ratio: float | None = None
     points_per_class: int | None = 1
-    steps: int = 60
+    steps: int = 40
     batch_size: int = 4
     num_points: int = 1024
     threads: int = 2

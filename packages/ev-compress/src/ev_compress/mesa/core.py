@@ -285,7 +285,11 @@ class _MesaContext:
                 and hit[3] == settings.bits
             ):
                 return hit[4]
-        name = f"{frame.name}.{_PREFIX}{slot}_{operand}" if frame.name else f"{_PREFIX}{slot}_{operand}"
+        name = (
+            f"{frame.name}.{_PREFIX}{slot}_{operand}"
+            if frame.name
+            else f"{_PREFIX}{slot}_{operand}"
+        )
         est = self.estimates.get(name)
         initialise = est is None or est[0].shape != (gl.groups,) or est[1].shape != (gl.groups,)
         if initialise:
@@ -527,7 +531,9 @@ def convert(model: nn.Module, policy: MesaPolicy | None = None) -> nn.Module:
         )
         ctx.handles.append(module.register_forward_hook(ctx.post_hook, always_call=True))
     ctx.handles.append(model.register_state_dict_post_hook(functools.partial(ctx.state_dict_hook)))
-    ctx.handles.append(model.register_load_state_dict_pre_hook(functools.partial(ctx.load_state_dict_pre_hook)))
+    ctx.handles.append(
+        model.register_load_state_dict_pre_hook(functools.partial(ctx.load_state_dict_pre_hook))
+    )
     model.__dict__[_CONTEXT_ATTR] = ctx
     return model
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from ev_compress import mesa
 from ev_core.errors import require
@@ -112,7 +114,7 @@ class _Recorder(Hook):
         # deep-copies the converted model (hooks, estimates and all)
         self.ema = ModelEmaV3(engine.raw_model, decay=self.decay, use_warmup=True)
 
-    def on_step_end(self, engine: Engine, logs: dict[str, float]) -> None:
+    def on_step_end(self, engine: Engine, logs: Mapping[str, float]) -> None:
         self.losses.append(float(logs["loss"]))
         self.ema.update(engine.raw_model, step=engine.state.step)
 
@@ -134,9 +136,9 @@ def _run(
     if use_mesa:
         mesa.convert(model)
     if ckpt is not None:
-        model.set_grad_checkpointing(True)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(xtr, ytr),
+        model.set_grad_checkpointing(True)  # type: ignore[operator]  # timm models have it
+    loader = DataLoader(
+        TensorDataset(xtr, ytr),
         batch_size=cfg.batch_size,
         shuffle=True,
         generator=torch.Generator(),  # seeded by the engine every epoch
@@ -203,7 +205,6 @@ def _plot(curves: dict[str, list[float]], path: Path, cfg: MesaDemoConfig) -> No
         ax.plot(range(1, len(losses) + 1), losses, style, label=label, linewidth=1.2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
-    ax.set_yscale("log")
     ax.set_title(
         f"ViT-S architecture (width {cfg.embed_dim}, depth {cfg.depth}) on upsampled digits:\n"
         "full precision vs Mesa 8-bit activations",
@@ -253,9 +254,7 @@ def run_demo_section(
         "saved_ratio_fp32": saved["mesa_fp32"] / saved["baseline_fp32"],
         "saved_ratio_bf16": saved["mesa_bf16"] / saved["baseline_bf16"],
         # mean |loss − baseline loss| over the last epoch, relative to the baseline
-        "last_epoch_gap": {
-            name: _gap(run["loss"], base, cfg.epochs) for name, run in runs.items()
-        },
+        "last_epoch_gap": {name: _gap(run["loss"], base, cfg.epochs) for name, run in runs.items()},
         "figures": [],
     }
     if plot:

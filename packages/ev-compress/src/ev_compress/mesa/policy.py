@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ev_core.errors import EvError
 from ev_compress.mesa.ops import OP_KINDS
+from ev_core.errors import EvError
 
 __all__ = ["OP_KINDS", "LayerRule", "MesaPolicy", "OpSettings", "load_policy"]
 
@@ -159,7 +159,9 @@ class MesaPolicy:
         for name in ("stochastic_rounding", "reuse"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             raise ValueError(f"seed must be an integer or null, got {self.seed!r}")
         self._ops = frozenset(self.ops)
 
@@ -206,8 +208,7 @@ class MesaPolicy:
             value = getattr(self, f.name)
             if f.name == "rules":
                 value = [
-                    {k.name: _listify(getattr(r, k.name)) for k in fields(LayerRule)}
-                    for r in value
+                    {k.name: _listify(getattr(r, k.name)) for k in fields(LayerRule)} for r in value
                 ]
             out[f.name] = _listify(value)
         return out

@@ -177,7 +177,9 @@ def _batch_range(xg: Tensor) -> tuple[Tensor, Tensor]:
     return mx - mn, mn
 
 
-def _noise_bytes(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> Tensor:
+def _noise_bytes(
+    shape: torch.Size, device: torch.device, generator: torch.Generator | None
+) -> Tensor:
     """Uniform random bytes of ``shape`` (one 32-bit draw gives four)."""
     if torch.compiler.is_compiling():  # dtype views of int32 storage confuse AOT autograd
         return torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=generator)

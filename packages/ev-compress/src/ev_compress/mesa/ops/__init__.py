@@ -20,8 +20,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ev_compress.mesa.ops import activation, attention, conv, dropout, function, linear, norm
-from ev_compress.mesa.ops import pooling
+from ev_compress.mesa.ops import (
+    activation,
+    attention,
+    conv,
+    dropout,
+    function,
+    linear,
+    norm,
+    pooling,
+)
 from ev_compress.mesa.ops._common import PASS, Handler, OpKind, Quantizer
 
 __all__ = [

@@ -134,7 +134,6 @@ def handle_relu(
     return _ReluFn.apply(b["input"], False, lambda t: func(*args, **kwargs))
 
 
-
 KINDS = (
     OpKind("gelu", "input (F.gelu, nn.GELU)", {F.gelu: handle_gelu}),
     OpKind("silu", "input (F.silu, nn.SiLU)", {F.silu: handle_silu}),

@@ -223,7 +223,6 @@ def handle_sdpa(
     return _SdpaFn.apply(b["query"], b["key"], b["value"], b["attn_mask"], options, func, quant)
 
 
-
 KINDS = (
     OpKind(
         "softmax",

@@ -128,7 +128,6 @@ def handle_conv(
     return _ConvFn.apply(b["input"], weight, b["bias"], func, quant, call, geometry)
 
 
-
 KINDS = (
     OpKind(
         "conv",

@@ -220,7 +220,6 @@ def handle_batch_norm(
     )
 
 
-
 KINDS = (
     OpKind(
         "layer_norm",
