@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ev_adapt.config import AdaptConfig
@@ -84,14 +85,18 @@ class _Objective:
         x_lab = torch.cat([b["x_source"], b["x_target"]])
         y_lab = torch.cat([b["y_source"], b["y_target"]])
         n_src, n_lab, n_unl = len(b["y_source"]), len(y_lab), len(b["x_weak"])
-        inputs = [x_lab]
-        if cfg.method != "source_only":
-            inputs.append(b["x_weak"])
-        if cfg.method in ("mcl", "fixmatch"):
-            inputs.append(b["x_strong"])
-        logits, feats = model(torch.cat(inputs))
-        terms: dict[str, Tensor] = {"loss_x": supervised_loss(logits[:n_lab], y_lab)}
+        # two forward passes, as MCL: batch-norm statistics of the labelled images, then of the
+        # unlabelled target views (one pass over everything would mix them)
+        logits, feats = model(x_lab)
+        terms: dict[str, Tensor] = {"loss_x": supervised_loss(logits, y_lab)}
         self.source_features = (feats[:n_src].detach(), b["y_source"])
+        if cfg.method != "source_only":
+            unlabeled = [b["x_weak"]]
+            if cfg.method in ("mcl", "fixmatch"):
+                unlabeled.append(b["x_strong"])
+            logits_u, feats_u = model(torch.cat(unlabeled))
+            logits = torch.cat([logits, logits_u])
+            feats = torch.cat([feats, feats_u])
         if cfg.method in ("mcl", "fixmatch"):
             logits_w = logits[n_lab : n_lab + n_unl]
             logits_s = logits[n_lab + n_unl :]
@@ -101,7 +106,7 @@ class _Objective:
             terms["loss_cls"] = class_contrastive_loss(
                 logits_w.float().softmax(1), logits_s.float().softmax(1)
             )
-            if engine.state.step + 1 > cfg.ot_start:
+            if engine.state.step > cfg.ot_start:  # MCL: batch_idx > warm_steps (0-based)
                 feats_w = feats[n_lab : n_lab + n_unl]
                 feats_s = feats[n_lab + n_unl :]
                 terms["loss_ot"], _ = prototype_ot_loss(
@@ -125,6 +130,12 @@ class _Objective:
         return terms
 
 
+def _all_gather_cat(t: Tensor) -> Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 class _PrototypeHook(Hook):
     """Updates the prototypes after each optimizer step; saves them with checkpoints."""
 
@@ -132,8 +143,13 @@ class _PrototypeHook(Hook):
         self.objective = objective
 
     def on_step_end(self, engine: Engine, logs: Mapping[str, float]) -> None:
-        if self.objective.source_features is not None:
-            self.objective.memory.update(*self.objective.source_features)
+        if self.objective.source_features is None:
+            return
+        feats, labels = self.objective.source_features
+        if engine.world_size > 1:  # every rank folds in every rank's source features
+            feats = _all_gather_cat(feats)
+            labels = _all_gather_cat(labels)
+        self.objective.memory.update(feats, labels)
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v.cpu() for k, v in self.objective.memory.state_dict().items()}

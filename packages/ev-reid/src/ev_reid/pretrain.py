@@ -320,7 +320,7 @@ def pretrain_upreid(
         sampler=sampler,
         num_workers=cfg.num_workers,
         drop_last=True,  # equal batches: BatchNorm and cross-rank negatives
-        persistent_workers=cfg.num_workers > 0,
+        persistent_workers=False,  # exact resume: worker RNG is re-seeded every epoch
         generator=generator,
     )
     terms = _loss_terms(cfg)

@@ -162,7 +162,7 @@ def train_detector(
     generator = torch.Generator().manual_seed(config.engine.seed)
     loader = DataLoader(
         dataset, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=len(dataset) > config.batch_size,
-        num_workers=config.workers, collate_fn=collate_windows, persistent_workers=config.workers > 0,
+        num_workers=config.workers, collate_fn=collate_windows, persistent_workers=False,
     )  # fmt: skip
     model = create(config.model, num_classes=len(ann.classes), **config.model_kwargs)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]

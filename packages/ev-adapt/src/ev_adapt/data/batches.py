@@ -42,8 +42,10 @@ class SSDABatch:
 class SSDABatches:
     """``steps`` batches per pass: labelled source, labelled target and unlabelled target indices.
 
-    Sampling is with replacement from each pool, driven by :attr:`generator` (which
-    :class:`~ev_core.training.Engine` seeds every epoch), so skipping batches costs nothing.
+    Each pool is drawn without replacement from reshuffled passes (a new permutation when the
+    rest of the current one cannot fill a batch, as MCL's ``drop_last`` loaders that restart),
+    driven by :attr:`generator` (which :class:`~ev_core.training.Engine` seeds every epoch),
+    so skipping batches costs nothing.
     Under ``torch.distributed`` each rank draws its own batches (the rank is mixed into the
     stream), so a 2-process run sees twice the images per step.
 
@@ -82,14 +84,37 @@ class SSDABatches:
         if rank:
             base = int(torch.randint(0, 2**62, (1,), generator=self.generator))
             gen = torch.Generator().manual_seed(base + rank)
+        pools = {
+            "source": _Reshuffled(sizes["source"], self.source_batch, gen),
+            "labeled_target": _Reshuffled(sizes["labeled_target"], self.target_batch, gen),
+            "unlabeled": _Reshuffled(sizes["unlabeled_target"], self.unlabeled_batch, gen),
+        }
         for _ in range(self.steps):
             yield SSDABatch(
-                source=torch.randint(sizes["source"], (self.source_batch,), generator=gen),
-                labeled_target=torch.randint(
-                    sizes["labeled_target"], (self.target_batch,), generator=gen
-                ),
-                unlabeled=torch.randint(
-                    sizes["unlabeled_target"], (self.unlabeled_batch,), generator=gen
-                ),
+                source=pools["source"].next(),
+                labeled_target=pools["labeled_target"].next(),
+                unlabeled=pools["unlabeled"].next(),
                 seed=int(torch.randint(0, 2**62, (1,), generator=gen)),
             )
+
+
+class _Reshuffled:
+    """Batches of indices from successive random permutations of ``range(n)`` (no partial batch)."""
+
+    def __init__(self, n: int, batch: int, generator: torch.Generator) -> None:
+        if n < 1:
+            raise ValueError("an empty pool of images cannot be sampled")
+        self.n, self.batch, self.generator = n, batch, generator
+        self.order = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> Tensor:
+        if self.batch > self.n:  # a pool smaller than one batch: repeat it, reshuffled
+            reps = -(-self.batch // self.n)
+            perm = torch.cat(
+                [torch.randperm(self.n, generator=self.generator) for _ in range(reps)]
+            )
+            return perm[: self.batch]
+        if len(self.order) < self.batch:
+            self.order = torch.randperm(self.n, generator=self.generator)
+        out, self.order = self.order[: self.batch], self.order[self.batch :]
+        return out
