@@ -114,22 +114,26 @@ def count_flops(
     *,
     batch_size: int = 1,
     device: torch.device | str | None = None,
+    sample_shape: bool | None = None,
 ) -> FlopCount:
     """Count the FLOPs of one forward pass (eval mode, no grad).
 
     Args:
-        model: any module taking one image batch.
-        input_size: ``(C, H, W)`` or a full ``(B, C, H, W)`` shape.
-        batch_size: batch when ``input_size`` has 3 entries.
+        model: any module taking one batch.
+        input_size: ``(C, H, W)`` or a full ``(B, C, H, W)`` shape; any rank with
+            ``sample_shape=True`` (e.g. a video clip ``(C, T, H, W)``).
+        batch_size: batch when ``input_size`` has 3 entries (or is a sample shape).
+        sample_shape: ``True``: ``input_size`` never includes the batch; ``None``: 3 entries
+            are a sample, 4 a full shape (images).
         device: where to run (default: the model's parameters' device).
 
     Returns:
         A :class:`FlopCount` (total FLOPs, per-operator breakdown, MACs/GMACs per image).
     """
     shape = tuple(int(s) for s in input_size)
-    if len(shape) == 3:
+    if sample_shape or (sample_shape is None and len(shape) == 3):
         shape = (batch_size, *shape)
-    if len(shape) != 4:
+    elif len(shape) != 4:
         raise ValueError(f"input_size must be (C, H, W) or (B, C, H, W), got {input_size}")
     if device is None:
         param = next(model.parameters(), None)

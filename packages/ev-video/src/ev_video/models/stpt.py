@@ -233,25 +233,11 @@ def count_video_flops(
 ) -> int:
     """FLOPs of one forward pass on ``[batch_size, *input_size]`` (``(C, T, H, W)``), eval, no grad.
 
-    Uses :class:`torch.utils.flop_counter.FlopCounterMode` with ev-core's extra formulas (SDPA
-    on CPU); MACs = FLOPs / 2.
+    :func:`ev_core.flops.count_flops` with a clip-shaped sample; MACs = FLOPs / 2.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from ev_core.flops import count_flops
 
-    from ev_core.flops import extra_flop_formulas
-
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    x = torch.randn(batch_size, *input_size, device=device)
-    was = model.training
-    model.eval()
-    try:
-        counter = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
-        with counter, torch.no_grad():
-            model(x)
-    finally:
-        model.train(was)
-    return int(counter.get_total_flops())
+    return count_flops(model, input_size, batch_size=batch_size, sample_shape=True).flops
 
 
 _TIMM_KWARGS = (
