@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 __all__ = ["EvError", "MissingDependencyError", "require"]
 
@@ -29,11 +30,11 @@ class EvError(Exception):
         super().__init__(message)
 
 
-class MissingDependencyError(EvError, ImportError):
+class MissingDependencyError(EvError):
     """An optional dependency is not installed; the message names the pip extra to install."""
 
 
-def require(module: str, extra: str, distribution: str, purpose: str) -> object:
+def require(module: str, extra: str, distribution: str, purpose: str) -> Any:
     """Import an optional dependency or raise :class:`MissingDependencyError`.
 
     Call it before expensive work so that a missing backend is found at once.

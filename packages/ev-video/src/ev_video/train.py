@@ -118,7 +118,7 @@ def _step(
     model: torch.nn.Module, batch: dict[str, Any] | None, engine: Engine
 ) -> dict[str, torch.Tensor]:
     if batch is None:  # every item of the batch was an undecodable file (on_error="skip")
-        zero = sum(p.sum() * 0.0 for p in model.parameters())
+        zero = torch.stack([p.sum() * 0.0 for p in model.parameters()]).sum()
         return {"loss": zero}
     x = batch["clip"].to(engine.device, non_blocking=True)
     out = model(x)

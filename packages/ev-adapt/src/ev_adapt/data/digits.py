@@ -106,7 +106,7 @@ def digits_shift(seed: int = 0, shots: int = 3) -> TensorDomainData:
     if shots < 1:
         raise ValueError(f"shots must be >= 1, got {shots}")
     datasets = require("sklearn.datasets", "digits", "ev-adapt", "the digits domain shift")
-    bunch = datasets.load_digits()  # type: ignore[attr-defined]
+    bunch = datasets.load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.long)
     images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", align_corners=False)

@@ -28,7 +28,7 @@ def digits_split(
         MissingDependencyError: without scikit-learn.
     """
     datasets = require("sklearn.datasets", "digits", "ev-compress", "the digits data")
-    bunch = datasets.load_digits()  # type: ignore[attr-defined]
+    bunch = datasets.load_digits()
     x = torch.as_tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0
     x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
     x = ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -109,7 +110,7 @@ class Engine:
         config: EngineConfig | None = None,
         *,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-        out_dir: str | Path | None = None,
+        out_dir: str | os.PathLike[str] | None = None,
         hooks: Sequence[Hook] = (),
         run_config: Any = None,
         model_config: Any = None,

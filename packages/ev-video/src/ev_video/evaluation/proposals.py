@@ -55,7 +55,7 @@ class ProposalResult:
         last = float(self.proposals_per_video[-1])
         if last <= 0:
             return 0.0
-        trapezoid = getattr(np, "trapezoid", None) or np.trapz  # noqa: NPY201  (NumPy < 2 names it trapz)
+        trapezoid = getattr(np, "trapezoid", None) or getattr(np, "trapz")  # noqa: B009  (NumPy < 2 names it trapz)
         return float(trapezoid(self.average_recall, self.proposals_per_video)) / last
 
     def ar_at(self, an: float) -> float:

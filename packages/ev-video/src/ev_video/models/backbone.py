@@ -12,6 +12,7 @@ is ``x + DWConv3d(x)`` (conditional position encoding), ``x + Attn(LN(x))``,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch.nn.functional as F
 from timm.layers import DropPath
@@ -70,7 +71,7 @@ class PatchMerging3D(nn.Module):
             grid = F.pad(grid, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
         grid = self.reduction(grid)
         new = tuple(grid.shape[2:])
-        return self.norm(grid.flatten(2).transpose(1, 2)), new  # type: ignore[return-value]
+        return self.norm(grid.flatten(2).transpose(1, 2)), (new[0], new[1], new[2])
 
 
 class STPTBlock(nn.Module):
@@ -152,10 +153,11 @@ class STPTBackbone(nn.Module):
         for i in range(n):
             blocks = []
             for _ in range(depths[i]):
-                w = None if windows[i] is None else tuple(int(v) for v in windows[i])  # type: ignore[union-attr]
+                win = windows[i]
+                w = None if win is None else (int(win[0]), int(win[1]), int(win[2]))
                 blocks.append(
                     STPTBlock(dims[i], num_heads[i], w, mlp_ratio, rates[k], attention_backend)
-                )  # type: ignore[arg-type]
+                )
                 k += 1
             self.stages.append(nn.ModuleList(blocks))
         self.dims = list(dims)
@@ -174,7 +176,7 @@ class STPTBackbone(nn.Module):
         for i, blocks in enumerate(self.stages):
             if i > 0:
                 x, thw = self.merges[i](x, thw)
-            for blk in blocks:
+            for blk in cast(nn.ModuleList, blocks):
                 if self.grad_checkpointing and self.training:
                     x = checkpoint(blk, x, thw, use_reentrant=False)
                 else:

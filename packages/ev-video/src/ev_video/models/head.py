@@ -108,6 +108,7 @@ class DetectionHead(nn.Module):
         self.cls_out = nn.Conv1d(dim, num_classes, 3, padding=1)
         self.reg_out = nn.Conv1d(dim, 2, 3, padding=1)
         self.scales = nn.ModuleList(_Scale() for _ in range(num_levels))
+        assert self.cls_out.bias is not None
         nn.init.constant_(self.cls_out.bias, -math.log((1 - prior) / prior))
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -86,7 +86,9 @@ def soft_nms(
     if sigma <= 0:
         raise ValueError(f"sigma must be positive, got {sigma}")
     seg, sc, lab = segments.float().clone(), scores.float().clone(), labels.clone()
-    out_s, out_c, out_l = [], [], []
+    out_s: list[Tensor] = []
+    out_c: list[Tensor] = []
+    out_l: list[Tensor] = []
     alive = sc >= min_score
     while alive.any() and len(out_c) < max_segments:
         masked = torch.where(alive, sc, torch.full_like(sc, -1.0))
