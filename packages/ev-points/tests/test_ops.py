@@ -54,14 +54,31 @@ def test_knn_matches_naive_ragged(norm: int, K: int) -> None:
     torch.testing.assert_close(res.knn, torch.where(valid, expect_nn, 0.0))
 
 
-def test_knn_ties_go_to_the_lower_index() -> None:
-    # integer grid: many exactly equal distances
+@pytest.mark.parametrize("norm", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_knn_ties_go_to_the_lower_index(norm: int, dtype: torch.dtype) -> None:
+    # integer grid: many exactly equal distances (more ties at the K-th than spare candidates),
+    # exact in every dtype -- rows the candidate bound cannot prove are ranked over all points
     g = torch.Generator().manual_seed(0)
-    p2 = torch.randint(0, 3, (1, 40, 3), generator=g).double()
-    p1 = torch.randint(0, 3, (1, 9, 3), generator=g).double()
-    res = knn_points(p1, p2, K=7, **NATIVE)
-    _, idx = naive_knn(p1, p2, K=7)
-    torch.testing.assert_close(res.idx, idx, rtol=0, atol=0)
+    p2 = torch.randint(0, 3, (2, 60, 3), generator=g).to(dtype)
+    p1 = torch.randint(0, 3, (2, 9, 3), generator=g).to(dtype)
+    for K in (1, 5, 7, 20):
+        res = knn_points(p1, p2, torch.tensor([9, 4]), torch.tensor([60, 33]), norm=norm, K=K,
+                         **NATIVE)  # fmt: skip
+        _, idx = naive_knn(p1.double(), p2.double(), torch.tensor([9, 4]), torch.tensor([60, 33]),
+                           K=K, norm=norm)  # fmt: skip
+        torch.testing.assert_close(res.idx, idx, rtol=0, atol=0)
+
+
+def test_half_precision_ball_query_on_a_grid() -> None:
+    # float16 inputs: the exact test runs in float16, candidates in float32 must include them
+    g = torch.Generator().manual_seed(1)
+    p2 = torch.randint(0, 4, (2, 50, 3), generator=g).half()
+    p1 = torch.randint(0, 4, (2, 11, 3), generator=g).half()
+    for radius in (1.0, 1.5, 2.0):
+        res = ball_query(p1, p2, K=6, radius=radius, **NATIVE)
+        _, idx = naive_ball_query(p1.double(), p2.double(), K=6, radius=radius)
+        torch.testing.assert_close(res.idx, idx, rtol=0, atol=0)
 
 
 def test_knn_chunked_equals_unchunked(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,5 @@
-"""The native backend on CUDA gives the CPU results (skipped, with the reason, without CUDA)."""
+"""The native and Triton backends on CUDA give the CPU results (skipped, with the reason,
+without CUDA)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,38 @@ def test_fps_cuda_equals_cpu() -> None:
     cpu = sample_farthest_points(points, lengths, K=[200, 60, 100], backend="native")
     gpu = sample_farthest_points(points.cuda(), lengths.cuda(), K=[200, 60, 100], backend="native")
     torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", [1, 2])
+def test_triton_knn_and_ball_query_equal_cpu(norm: int) -> None:
+    """The Triton kernels on the GPU make the CPU's float32 decisions: identical indices
+    (ties included, on a grid), distances and gradients."""
+    pytest.importorskip("triton")
+    p1, p2 = _clouds()
+    p2[1, :400] = torch.randint(0, 6, (400, 3)).float() * 0.1  # exact ties and duplicates
+    l1, l2 = torch.tensor([700, 300, 5]), torch.tensor([900, 600, 400])
+    runs = (
+        lambda a, b, x, y, be: knn_points(a, b, x, y, norm=norm, K=20, return_nn=True, backend=be),
+        lambda a, b, x, y, be: ball_query(a, b, x, y, K=20, radius=0.1, backend=be),
+    )
+    for fn in runs:
+        a, b = p1.clone().requires_grad_(True), p2.clone().requires_grad_(True)
+        cpu = fn(a, b, l1, l2, "native")
+        ga, gb = torch.autograd.grad(cpu.dists.sum() + cpu.knn.sum(), (a, b))
+        a2, b2 = p1.cuda().requires_grad_(True), p2.cuda().requires_grad_(True)
+        gpu = fn(a2, b2, l1.cuda(), l2.cuda(), "triton")
+        ga2, gb2 = torch.autograd.grad(gpu.dists.sum() + gpu.knn.sum(), (a2, b2))
+        torch.testing.assert_close(gpu.idx.cpu(), cpu.idx, rtol=0, atol=0)
+        torch.testing.assert_close(gpu.dists.cpu(), cpu.dists, rtol=0, atol=0)
+        torch.testing.assert_close(ga2.cpu(), ga, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gb2.cpu(), gb, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_fps_equals_cpu() -> None:
+    pytest.importorskip("triton")
+    points = _clouds()[1]
+    lengths = torch.tensor([900, 50, 400])
+    cpu = sample_farthest_points(points, lengths, K=[200, 60, 100], backend="native")
+    gpu = sample_farthest_points(points.cuda(), lengths.cuda(), K=[200, 60, 100], backend="triton")
+    torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=0, atol=0)
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=0, atol=0)

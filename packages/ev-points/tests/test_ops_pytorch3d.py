@@ -1,7 +1,8 @@
 """The native backend against pytorch3d itself (skipped, with the reason, without pytorch3d).
 
 Random float32 clouds have no exact distance ties, so indices must agree exactly; distances
-to 1e-5 and gradients with the float32 tolerances.
+to 1e-5 and gradients with the float32 tolerances. The kd-tree path (large clouds) computes
+its distances with pytorch3d's float32 arithmetic: they must be bit-identical, ties included.
 """
 
 from __future__ import annotations
@@ -9,7 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ev_points.ops import backend_status, ball_query, knn_points, sample_farthest_points
+from ev_points.ops import (
+    _native,
+    backend_status,
+    ball_query,
+    knn_points,
+    sample_farthest_points,
+)
 
 _REASON = backend_status("cpu", torch.float32)["pytorch3d"]
 pytestmark = pytest.mark.skipif(
@@ -80,3 +87,52 @@ def test_fps_equals_pytorch3d(K) -> None:
     ref = sample_farthest_points(points, lengths, K=K, backend="pytorch3d")
     torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=0)
     torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- the kd-tree path (large clouds)
+def _kd_clouds(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    p1, p2 = _clouds(seed, 3, 600, 700)
+    p2[1, :300] = torch.randint(0, 5, (300, 3)).float() * 0.25  # exact ties and duplicates
+    p1[1, :100] = p2[1, :100]
+    return p1, p2
+
+
+@pytest.mark.parametrize("norm", [1, 2])
+def test_knn_kdtree_path_equals_pytorch3d(norm: int) -> None:
+    p1, p2 = _kd_clouds(norm)
+    assert _native.selection_path(p1, p2)[0] == "kdtree"
+    l1, l2 = torch.tensor([600, 550, 7]), torch.tensor([700, 650, 12])
+
+    def run(backend):
+        return lambda a, b: knn_points(
+            a, b, l1, l2, norm=norm, K=16, return_nn=True, return_sorted=False, backend=backend
+        )
+
+    ours, ga, gb = _grads(run("native"), p1, p2)
+    ref, ra, rb = _grads(run("pytorch3d"), p1, p2)
+    # pytorch3d's kernel order (return_sorted=False) is (distance, index): identical
+    torch.testing.assert_close(ours.idx, ref.idx, rtol=0, atol=0)
+    torch.testing.assert_close(ours.dists, ref.dists, rtol=0, atol=0)
+    torch.testing.assert_close(ours.knn, ref.knn, rtol=0, atol=0)
+    torch.testing.assert_close(ga, ra, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gb, rb, rtol=1e-4, atol=1e-4)
+
+
+# about 0.05, 6 and 150 uniform points per ball (the pair route, then per-row fetches and
+# early-stopping scans); radius 0.5 also puts grid points exactly on the sphere in cloud 1
+@pytest.mark.parametrize("radius", [0.1, 0.5, 1.5])
+def test_ball_query_kdtree_path_equals_pytorch3d(radius: float) -> None:
+    p1, p2 = _kd_clouds(3)
+    assert _native.selection_path(p1, p2)[0] == "kdtree"
+    l1, l2 = torch.tensor([600, 550, 7]), torch.tensor([700, 650, 12])
+
+    def run(backend):
+        return lambda a, b: ball_query(a, b, l1, l2, K=16, radius=radius, backend=backend)
+
+    ours, ga, gb = _grads(run("native"), p1, p2)
+    ref, ra, rb = _grads(run("pytorch3d"), p1, p2)
+    torch.testing.assert_close(ours.idx, ref.idx, rtol=0, atol=0)
+    torch.testing.assert_close(ours.dists, ref.dists, rtol=0, atol=0)
+    torch.testing.assert_close(ours.knn, ref.knn, rtol=0, atol=0)
+    torch.testing.assert_close(ga, ra, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gb, rb, rtol=1e-4, atol=1e-4)

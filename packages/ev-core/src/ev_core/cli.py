@@ -150,6 +150,7 @@ def demo(
     summary_files = sorted(
         p for p in out.rglob("*.json") if p.name in {"metrics.json", "summary.json"}
     )
+    typer.echo(f"==> outputs of every demo under {out.resolve()}")
     for figure in figures:
         typer.echo(f"figure: {figure.resolve()}")
     for metrics_file in summary_files:

@@ -34,11 +34,17 @@ def backends() -> None:
     """Show which point-op backends can run here, and why not."""
     import torch
 
-    from ev_points.ops import backend_status, resolve_backend
+    from ev_points.ops import backend_status, kdtree_status, resolve_backend
 
     for name, why in backend_status("cpu", torch.float32).items():
         typer.echo(f"{name}: {'available' if why is None else why}")
-    typer.echo(f"auto -> {resolve_backend('auto', torch.device('cpu'), torch.float32)}")
+    tree = kdtree_status("cpu", torch.float32)
+    typer.echo(f"native k-NN / ball query on the CPU: {'kd-tree' if tree is None else tree}")
+    typer.echo(
+        "auto (no shape given) -> "
+        f"{resolve_backend('auto', torch.device('cpu'), torch.float32)}; "
+        "with the inputs' shapes it picks per op and size"
+    )
 
 
 @app.command("preprocess")

@@ -9,7 +9,16 @@ from torch import Tensor
 
 from ev_core.errors import EvError
 
-__all__ = ["KNN", "PointOpsError", "check_pair", "full_lengths", "masked_gather"]
+__all__ = [
+    "KNN",
+    "PointOpsError",
+    "check_pair",
+    "error_bounds",
+    "full_lengths",
+    "masked_gather",
+    "pair_dists",
+    "sort_by_dist_then_index",
+]
 
 #: Result of :func:`~ev_points.ops.knn_points` and :func:`~ev_points.ops.ball_query`
 #: (field names and order as ``pytorch3d.ops.knn._KNN``).
@@ -55,6 +64,45 @@ def check_pair(
     if p1.device != p2.device:
         raise PointOpsError(f"p1 is on {p1.device} but p2 is on {p2.device}")
     return check_lengths(lengths1, p1, "lengths1"), check_lengths(lengths2, p2, "lengths2")
+
+
+def pair_dists(a: Tensor, b: Tensor, norm: int) -> Tensor:
+    """Distances between broadcastable point sets ``a [..., D]`` and ``b [..., D]`` (differentiable).
+
+    Accumulated one coordinate at a time in the inputs' dtype (``0 + t_0 + t_1 + ...``) -- the
+    arithmetic of pytorch3d's CPU kernels, so float32 results are bit-identical to theirs and
+    neighbour decisions (ties, the radius test) agree. Squared L2 for ``norm=2``; for ``norm=1``
+    the L1 sum, differentiated with sign(a - b) taken as -1 at equality, the subgradient
+    pytorch3d's backward uses.
+    """
+    diff = a - b
+    if norm == 2:
+        terms = diff * diff
+    else:
+        terms = diff * torch.where(diff > 0, 1.0, -1.0).to(diff.dtype).detach()
+    if terms.shape[-1] == 0:
+        return terms.sum(-1)
+    out = terms[..., 0]
+    for j in range(1, terms.shape[-1]):
+        out = out + terms[..., j]
+    return out
+
+
+def error_bounds(dtype: torch.dtype, d: int) -> tuple[float, float]:
+    """``(rel, tiny)``: |computed - exact| <= rel·exact + tiny for a D-term distance computed in
+    ``dtype`` by :func:`pair_dists` (or in float64 by a kd-tree): each term has relative error
+    <= 3u, the sum adds (D - 1)u; ``tiny`` covers squares that underflow. Kept generous
+    (2(D + 4)u)."""
+    eps = torch.finfo(dtype).eps + torch.finfo(torch.float64).eps
+    return 2.0 * (d + 4) * eps, max(d, 1) * torch.finfo(dtype).tiny
+
+
+def sort_by_dist_then_index(d: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort each row of ``(d, i)`` by distance, ties by the lower index (pytorch3d's k-NN order)."""
+    order = torch.sort(i, dim=-1, stable=True).indices
+    d, i = d.gather(-1, order), i.gather(-1, order)
+    order = torch.sort(d, dim=-1, stable=True).indices
+    return d.gather(-1, order), i.gather(-1, order)
 
 
 def masked_gather(points: Tensor, idx: Tensor) -> Tensor:

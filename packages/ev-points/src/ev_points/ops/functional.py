@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ev_points.ops import _native
+from ev_points.ops import _native, _triton
 from ev_points.ops._common import (
     KNN,
     PointOpsError,
@@ -49,9 +49,9 @@ def knn_points(
         lengths2: ``[N]`` valid points per ``p2`` cloud (None = all ``P2``).
         norm: 2 for squared Euclidean distances, 1 for L1; anything else raises.
         K: neighbours per query.
-        version: pytorch3d's kernel choice (passed through; ignored by ``native``).
+        version: pytorch3d's kernel choice (passed through; ignored by ``native``, ``triton``).
         return_nn: also return the neighbours' coordinates.
-        return_sorted: ascending distances when ``K > 1`` (``native`` always sorts).
+        return_sorted: ascending distances when ``K > 1`` (``native`` and ``triton`` always sort).
         backend: see :mod:`ev_points.ops.backends`.
 
     Returns:
@@ -64,7 +64,8 @@ def knn_points(
         raise PointOpsError(f"norm must be 1 (L1) or 2 (squared L2), got {norm!r}")
     lengths1, lengths2 = check_pair(p1, p2, lengths1, lengths2)
     K = _check_k(K)
-    name = resolve_backend(backend, p1.device, p1.dtype)
+    shape = (p1.shape[1], p2.shape[1], p1.shape[2])
+    name = resolve_backend(backend, p1.device, p1.dtype, op="knn_points", shape=shape)
     if name == "pytorch3d":
         res = pytorch3d_ops().knn_points(
             p1,
@@ -78,7 +79,11 @@ def knn_points(
             return_sorted=return_sorted,
         )
         return KNN(res.dists, res.idx, res.knn)
-    dists, idx = _native.knn_points(p1, p2, lengths1, lengths2, norm, K, return_sorted)
+    if name == "triton":
+        idx = _triton.knn_idx(p1, p2, lengths1, lengths2, norm, K)
+        dists = _native.knn_dists(p1, p2, lengths1, lengths2, idx, norm)
+    else:
+        dists, idx = _native.knn_points(p1, p2, lengths1, lengths2, norm, K, return_sorted)
     nn = knn_gather(p2, idx, lengths2) if return_nn else None
     return KNN(dists, idx, nn)
 
@@ -119,7 +124,8 @@ def ball_query(
     K = _check_k(K)
     if not radius > 0:
         raise PointOpsError(f"radius must be > 0, got {radius!r}")
-    name = resolve_backend(backend, p1.device, p1.dtype)
+    shape = (p1.shape[1], p2.shape[1], p1.shape[2])
+    name = resolve_backend(backend, p1.device, p1.dtype, op="ball_query", shape=shape)
     if name == "pytorch3d":
         res = pytorch3d_ops().ball_query(
             p1,
@@ -132,7 +138,11 @@ def ball_query(
             skip_points_outside_cube=skip_points_outside_cube,
         )
         return KNN(res.dists, res.idx, res.knn)
-    dists, idx = _native.ball_query(p1, p2, lengths1, lengths2, K, float(radius))
+    if name == "triton":
+        idx = _triton.ball_idx(p1, p2, lengths1, lengths2, K, float(radius))
+        dists = _native.ball_dists(p1, p2, idx)
+    else:
+        dists, idx = _native.ball_query(p1, p2, lengths1, lengths2, K, float(radius))
     return KNN(dists, idx, masked_gather(p2, idx) if return_nn else None)
 
 
@@ -174,7 +184,9 @@ def sample_farthest_points(
             raise PointOpsError("K and points must have the same batch dimension")
     if k_t.numel() and int(k_t.min()) < 0:
         raise PointOpsError(f"K must be >= 0, got {k_t.tolist()}")
-    name = resolve_backend(backend, points.device, torch.float32)
+    name = resolve_backend(
+        backend, points.device, torch.float32, op="fps", shape=(n, points.shape[1])
+    )
     if name == "pytorch3d":
         k_arg = K if isinstance(K, int) and not isinstance(K, bool) else k_t
         return pytorch3d_ops().sample_farthest_points(points, lengths, k_arg, random_start_point)
@@ -182,5 +194,6 @@ def sample_farthest_points(
         start = (lengths * torch.rand(n, device=points.device)).to(torch.int64)
     else:
         start = torch.zeros(n, dtype=torch.int64, device=points.device)
-    idx = _native.sample_farthest_points(points, lengths, k_t, start)
+    fps = _triton.fps_idx if name == "triton" else _native.sample_farthest_points
+    idx = fps(points, lengths, k_t, start)
     return masked_gather(points.to(torch.float32), idx), idx
