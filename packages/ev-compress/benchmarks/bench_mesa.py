@@ -16,6 +16,12 @@ baseline / Mesa saved activations (the activation-only bound; the CPU figure, RS
         --out mesa_gpu.json
     python packages/ev-compress/benchmarks/bench_mesa.py --device cpu --threads 2 \\
         --models deit_small_patch16_224 --batch-sizes 32 --amp none bf16 --out mesa_cpu.json
+    python packages/ev-compress/benchmarks/bench_mesa.py ... --compile    # + compiled pair
+
+``--compile`` adds, per configuration, a second group: the baseline and the Mesa model each
+under ``torch.compile(model, fullgraph=True)`` (inductor unless ``--compile-backend``), compiled
+Mesa compared with the compiled baseline; the compile time (the first calls: a converted model
+is traced twice, the first call creating its running estimates) is stored as ``compile_s``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -71,12 +78,48 @@ def _train_step(
     return step
 
 
+def _compiled_step(
+    model: nn.Module, x: torch.Tensor, amp: torch.dtype | None, backend: str
+) -> tuple[nn.Module, Callable[[], torch.Tensor], float]:
+    """``torch.compile(model, fullgraph=True)``, its training step and its compile time (the
+    two first steps: Mesa's first call creates the estimates, the second traces with them)."""
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    step = _train_step(compiled, x, amp)
+    start = time.perf_counter()
+    for _ in range(2):
+        step()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return compiled, step, time.perf_counter() - start
+
+
 def _saved_bytes(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> int:
     ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     with ctx, mesa.SavedTensorMeter(model.parameters(), activations_only=True) as meter:
         out = model(x)
     del out
     return meter.total_bytes
+
+
+def _ratios(base: Any, ours: Any) -> None:
+    """Mesa-vs-baseline ratios of one group, stored in the Mesa row."""
+    if not (base and ours):
+        return
+    grad_mib = ours.extra["grad_mib"]
+    ours.extra["saved_activation_ratio"] = (
+        ours.extra["saved_activation_mib"] / base.extra["saved_activation_mib"]
+    )
+    ours.extra["headroom_saved"] = 1.0 / ours.extra["saved_activation_ratio"]
+    ours.extra["step_time_ratio"] = ours.median_ms / base.median_ms
+    if (
+        base.peak_memory_mib
+        and ours.peak_memory_mib
+        and ours.peak_memory_mib > grad_mib
+        and base.peak_memory_mib > grad_mib
+    ):
+        ours.extra["headroom_peak"] = (base.peak_memory_mib - grad_mib) / (
+            ours.peak_memory_mib - grad_mib
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,6 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--min-run-time", type=float, default=2.0)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time both models under torch.compile(fullgraph=True), in a second group",
+    )
+    parser.add_argument("--compile-backend", default="inductor")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batch_sizes, args.img_size, args.min_run_time = (
@@ -119,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             "amp": amp_names,
             "threads": torch.get_num_threads(),
             "img_size": args.img_size,
+            "compile_backend": args.compile_backend if args.compile else None,
             "policy": mesa.MesaPolicy().to_dict(),
             "peak_memory": "cuda max_memory_allocated above the step's start"
             if device.type == "cuda"
@@ -128,51 +178,46 @@ def main(argv: list[str] | None = None) -> None:
     configs = [(m, bs, a) for m in args.models for bs in args.batch_sizes for a in amp_names]
     for name, bs, amp_name in progress(configs, desc="mesa bench"):
         amp = AMP[amp_name]
-        group = f"{name} bs{bs} {amp_name}"
         x = torch.randn(bs, 3, args.img_size, args.img_size, device=device)
-        rows = {}
-        for variant in ("baseline", "mesa"):
-            model = _make(name, args.img_size).to(device)
-            if variant == "mesa":
-                mesa.convert(model)
-            grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            try:
-                saved = _saved_bytes(model, x, amp)
-                rows[variant] = suite.add(
-                    variant,
-                    _train_step(model, x, amp),
-                    group=group,
-                    baseline=variant == "baseline",
-                    memory=True,
-                    items_per_call=bs,
-                    saved_activation_mib=saved / 2**20,
-                    grad_mib=grad_bytes / 2**20,
-                    model=name,
-                    batch_size=bs,
-                )
-            except torch.OutOfMemoryError as exc:
-                suite.add_failure(variant, group, f"out of memory: {exc}".splitlines()[0])
-            del model
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        base, ours = rows.get("baseline"), rows.get("mesa")
-        if base and ours:
-            grad_mib = ours.extra["grad_mib"]
-            ours.extra["saved_activation_ratio"] = (
-                ours.extra["saved_activation_mib"] / base.extra["saved_activation_mib"]
-            )
-            ours.extra["headroom_saved"] = 1.0 / ours.extra["saved_activation_ratio"]
-            ours.extra["step_time_ratio"] = ours.median_ms / base.median_ms
-            if (
-                base.peak_memory_mib
-                and ours.peak_memory_mib
-                and ours.peak_memory_mib > grad_mib
-                and base.peak_memory_mib > grad_mib
-            ):
-                ours.extra["headroom_peak"] = (base.peak_memory_mib - grad_mib) / (
-                    ours.peak_memory_mib - grad_mib
-                )
+        modes = [False, True] if args.compile else [False]
+        for compiled in modes:
+            group = f"{name} bs{bs} {amp_name}" + (" compiled" if compiled else "")
+            rows = {}
+            for variant in ("baseline", "mesa"):
+                model = _make(name, args.img_size).to(device)
+                if variant == "mesa":
+                    mesa.convert(model)
+                grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+                extra: dict[str, Any] = {}
+                try:
+                    if compiled:
+                        fn, step, extra["compile_s"] = _compiled_step(
+                            model, x, amp, args.compile_backend
+                        )
+                        saved = _saved_bytes(fn, x, amp)  # what the compiled graph keeps
+                    else:
+                        saved = _saved_bytes(model, x, amp)
+                        step = _train_step(model, x, amp)
+                    rows[variant] = suite.add(
+                        variant + (" compiled" if compiled else ""),
+                        step,
+                        group=group,
+                        baseline=variant == "baseline",
+                        memory=True,
+                        items_per_call=bs,
+                        saved_activation_mib=saved / 2**20,
+                        grad_mib=grad_bytes / 2**20,
+                        model=name,
+                        batch_size=bs,
+                        **extra,
+                    )
+                except torch.OutOfMemoryError as exc:
+                    suite.add_failure(variant, group, f"out of memory: {exc}".splitlines()[0])
+                del model
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            _ratios(rows.get("baseline"), rows.get("mesa"))
     suite.print_table()
     print(
         "\n| group | step time ratio | activations MiB (base → Mesa) | ratio | "

@@ -9,14 +9,13 @@ import pytest
 from typer.testing import CliRunner
 
 from ev_compress.cli import app
-from ev_compress.mesa.demo import VARIANTS, MesaDemoConfig, run_demo_section
+from ev_compress.mesa.demo import FULL, QUICK, VARIANTS, MesaDemoConfig, run_demo_section
 
 
 def test_demo_runs_track_the_baseline(tmp_path: Path) -> None:
     """EMA, both checkpointing modes and bf16 AMP under Mesa follow the fp32 loss curve."""
     pytest.importorskip("sklearn")
-    cfg = MesaDemoConfig(epochs=1, batch_size=128, embed_dim=48, depth=2, lr=5e-3)
-    metrics = run_demo_section(tmp_path, quick=True, config=cfg)
+    metrics = run_demo_section(tmp_path, quick=True)  # QUICK: 1 epoch, width 48, depth 2
     assert set(metrics["runs"]) == set(VARIANTS)
     base = metrics["runs"]["full precision"]["loss"]
     assert len(base) == 12  # 1,437 training digits / 128
@@ -29,7 +28,23 @@ def test_demo_runs_track_the_baseline(tmp_path: Path) -> None:
     assert metrics["saved_ratio_fp32"] < 0.75 and metrics["saved_ratio_bf16"] < 0.8
     assert (tmp_path / "mesa_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((tmp_path / "mesa_config.json").read_text())
-    assert config["demo"]["depth"] == 2 and config["policy"]["exclude"] == ["patch_embed*"]
+    assert config["demo"]["depth"] == QUICK.depth == 2
+    assert config["policy"]["exclude"] == ["patch_embed*"]
+
+
+def test_demo_sizes() -> None:
+    """``ev demo`` passes ``full=True`` for ``--full``: the default is a 1-epoch width-96 run
+    (the package's whole default demo fits ~45 s), ``--full`` the issue's 2-epoch run of a
+    6-block width-192 model."""
+    import inspect
+
+    from ev_compress.demo import run_demo
+
+    assert "full" in inspect.signature(run_demo).parameters
+    assert "full" in inspect.signature(run_demo_section).parameters
+    default = MesaDemoConfig()
+    assert (default.epochs, default.embed_dim, default.depth, default.img_size) == (1, 96, 4, 32)
+    assert (FULL.epochs, FULL.embed_dim, FULL.depth, FULL.img_size) == (2, 192, 6, 32)
 
 
 def test_mesa_summary_command(tmp_path: Path) -> None:

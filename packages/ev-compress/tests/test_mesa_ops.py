@@ -4,6 +4,7 @@ bounded backward error on random inputs against the op's own fp32 backward."""
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import pytest
@@ -94,15 +95,56 @@ def test_gradcheck_layer_norm() -> None:
     )
 
 
+def channel_grid(shape: tuple[int, ...], mean: Tensor, seed: int) -> Tensor:
+    """float64 ``[B, C, ...]`` maps whose per-channel normalisation 8-bit quantisation
+    reproduces: each channel holds ``mean[c] + s_c·{±1, ±3}`` (as many of each), so its
+    normalised values are ``{±a, ±3a}`` (codes 0/85/170/255) whether normalised by the batch
+    statistics or by a running mean equal to ``mean``."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape) // shape[1]
+    pattern = torch.tensor([1.0, -1.0, 3.0, -3.0], dtype=torch.float64).repeat(n // 4)
+    channels = []
+    for c in range(shape[1]):
+        scale = 2.0 ** float(torch.randint(-2, 3, (), generator=g))
+        channels.append(mean[c] + scale * pattern[torch.randperm(n, generator=g)])
+    rest = (shape[0], *shape[2:])
+    return torch.stack([v.reshape(rest) for v in channels], dim=1)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck_batch_norm(training: bool) -> None:
+    # batch norm quantises its input normalised per channel
     rm, rv = torch.randn(4).double(), torch.rand(4).double() + 0.5
     _gradcheck(
         lambda x, w, b: F.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training),
-        grid((3, 4, 2, 3), "dim1", 4),
+        channel_grid((3, 4, 2, 2), rm, 4),
         torch.randn(4),
         torch.randn(4),
     )
+
+
+def test_batch_norm_over_few_values_keeps_the_pre_norm_bias_gradient_zero() -> None:
+    """A bias right before a training-mode batch norm has gradient 0 (the norm removes the
+    mean). At a 1×1 map and batch 4 (4 values per channel, LITv2's last token merging at 32²)
+    with biases far apart, quantising the raw input multiplied a channel group's rounding error
+    by ``invstd``: the bias gradient was ~0.2× the weight's and grew without bound in training.
+    The normalised, re-centred codes keep it at fp32 rounding and the input gradient close."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(8, 16, 2, stride=2), nn.BatchNorm2d(16))
+    with torch.no_grad():
+        ref[0].bias.copy_(torch.randn(16) * 100)  # biases far apart: a wide channel group
+    model = mesa.convert(copy.deepcopy(ref), mesa.MesaPolicy(exclude=()))
+    x = torch.randn(4, 8, 2, 2)
+    g = torch.randn(4, 16, 1, 1, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for m in (ref, model):
+        xi = x.clone().requires_grad_()
+        m(xi).backward(g)
+        grads.append((xi.grad, m[0].weight.grad, m[0].bias.grad))
+    (gx_ref, gw_ref, _), (gx, gw, gb) = grads
+    assert float(gb.norm()) < 1e-5 * float(gw.norm())
+    assert float((gx - gx_ref).norm() / gx_ref.norm()) < 0.05
+    assert float((gw - gw_ref).norm() / gw_ref.norm()) < 0.05
 
 
 @pytest.mark.parametrize(
@@ -250,3 +292,41 @@ def test_bf16_autocast_ops_match() -> None:
     for p, q in zip(module.parameters(), conv.parameters(), strict=True):
         assert q.grad is not None and q.grad.dtype == p.dtype
         assert float((p.grad - q.grad).norm() / p.grad.norm()) < 0.05
+
+
+AUTOCAST_CASES: dict[str, Callable[[], tuple[nn.Module, list[Tensor]]]] = {
+    "conv": lambda: (nn.Conv2d(8, 6, 3, padding=1), [torch.randn(2, 8, 6, 6)]),
+    "batch_norm": lambda: (nn.BatchNorm2d(8), [torch.randn(4, 8, 3, 3)]),
+    "avg_pool": lambda: (Call(lambda x: F.avg_pool3d(x, 2)), [torch.randn(2, 3, 4, 4, 4)]),
+    "matmul_softmax": lambda: (
+        Call(lambda a, b: torch.softmax(a @ b.transpose(-2, -1), -1) @ b),
+        [torch.randn(2, 3, 8, 16), torch.randn(2, 3, 8, 16)],
+    ),
+    "sdpa": lambda: (
+        Call(lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
+        [torch.randn(2, 3, 8, 16) for _ in range(3)],
+    ),
+    "relu_silu": lambda: (
+        nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.SiLU()),
+        [torch.randn(4, 16)],
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", list(AUTOCAST_CASES))
+def test_autocast_forward_is_bit_identical(name: str, dtype: torch.dtype) -> None:
+    """Under CPU autocast every Mesa op casts its inputs as autocast casts the original op
+    (the policy probed per op family), so outputs and their dtypes are unchanged, and the
+    parameters' gradients keep the parameters' dtype."""
+    torch.manual_seed(0)
+    module, inputs = AUTOCAST_CASES[name]()
+    conv = mesa.convert(copy.deepcopy(module), mesa.MesaPolicy(exclude=()))
+    xs = [x.requires_grad_() for x in inputs]
+    with torch.autocast("cpu", dtype=dtype):
+        y_ref, y_mesa = module(*xs), conv(*xs)
+    assert y_ref.dtype == y_mesa.dtype and torch.equal(y_ref, y_mesa)
+    assert mesa.summary(conv).slots or name == "avg_pool"
+    y_mesa.float().sum().backward()
+    for p in conv.parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype

@@ -173,11 +173,14 @@ step = rng / 255
 inv = 1 / step
 codes = _triton.quantize(xg, inv, -m0 * inv, 255.0, False, None)
 assert torch.equal(codes, quant.quantize(x, lay, stochastic=False).data)  # same product-sum
-g = torch.Generator().manual_seed(0)
+seeds = [quant.mix_seed(torch.tensor(i), 7) for i in range(40)]
 draws = torch.stack([
-    _triton.dequantize(_triton.quantize(xg, inv, -m0 * inv, 255.0, True, g), step, m0, torch.float32)
-    for _ in range(40)
+    _triton.dequantize(_triton.quantize(xg, inv, -m0 * inv, 255.0, True, s), step, m0, torch.float32)
+    for s in seeds
 ])
+# the seed tensor alone decides the noise
+again = _triton.quantize(xg, inv, -m0 * inv, 255.0, True, seeds[3])
+assert torch.equal(again, _triton.quantize(xg, inv, -m0 * inv, 255.0, True, seeds[3]))
 # unbiased: the mean of 40 draws is within 0.5 step (its standard error is <= 0.08 step)
 assert ((draws.mean(0) - xg).abs() <= step[None, :, None] * 0.5).all()
 assert _triton.dequantize(codes, step, m0, torch.bfloat16).dtype == torch.bfloat16

@@ -223,16 +223,15 @@ import torch, timm
 from ev_compress import mesa
 torch.manual_seed(0)
 variant = sys.argv[1]
-model = timm.create_model("vit_small_patch16_224", depth=4, num_classes=10)
+model = timm.create_model("vit_small_patch16_224", depth=2, num_classes=10)
 if variant != "baseline":
     mesa.convert(model)
 if variant == "leak":  # what the test must catch: a full-precision copy kept beside the codes
     from ev_compress.mesa.ops import linear
-    forward = linear._LinearFn.forward
-    def leaky(ctx, x, *args):
-        ctx.leak = x.clone()
-        return forward(ctx, x, *args)
-    linear._LinearFn.forward = staticmethod(leaky)
+    def leaky(ctx, inputs, output):
+        ctx.leak = inputs[0].clone()
+        linear._linear_setup(ctx, inputs, output)
+    linear.linear_op.register_autograd(linear._linear_backward, setup_context=leaky)
 x = torch.randn(4, 3, 224, 224)
 model(x).sum().backward()  # first step: lazily created state, allocator warm
 model.zero_grad(set_to_none=False)
@@ -272,7 +271,7 @@ def test_graph_rss_in_a_fresh_process() -> None:
     model that also keeps a full-precision copy of each linear input (the leak this test exists
     to catch, invisible to every saved-tensor-hook byte count)."""
     base, ours, leak = (_graph_rss(v) for v in ("baseline", "mesa", "leak"))
-    assert base > 20 * 2**20, base  # the graph of 4 ViT-S blocks at batch 4 is ~70 MiB
+    assert base > 15 * 2**20, base  # the graph of 2 ViT-S blocks at batch 4 is ~35 MiB
     assert ours < 0.45 * base, (ours / base, ours, base)
     assert leak > 0.45 * base, (leak / base, leak, base)  # the detector detects
 
@@ -295,18 +294,3 @@ def test_meter_separates_autocast_weight_casts() -> None:
     )
     assert acts.param_cast_bytes >= weights
     assert acts.total_bytes + acts.param_cast_bytes == everything.total_bytes
-
-
-@pytest.mark.slow
-def test_torch_compile_runs_with_graph_breaks() -> None:
-    """``torch.compile`` (not ``fullgraph``) of a converted model trains: the compressed ops run
-    at graph breaks (they are not custom ops yet, see the README)."""
-    torch.manual_seed(0)
-    plain = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
-    model = mesa.convert(copy.deepcopy(plain))
-    x = torch.randn(64, 16)
-    torch.compile(model)(x).square().sum().backward()
-    plain(x).square().sum().backward()
-    assert mesa.summary(model).counts() == {"linear": 2, "gelu": 1}
-    for p, q in zip(plain.parameters(), model.parameters(), strict=True):
-        assert cos64(p.grad, q.grad) > 0.99

@@ -6,16 +6,20 @@
   when those modules are present.
 
 Each section writes its own figures and config beside ``metrics.json``; their paths are
-printed at the end. The default (quick) demo takes well under a minute on 2 idle cores.
+printed at the end. Three sizes: ``quick`` (smoke runs, seconds), the default (``ev demo``, about
+25 s) and ``full`` (``ev demo --full``, minutes); all on one torch thread.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ev_core.io import write_json
 
@@ -38,12 +42,14 @@ def _figures(out_dir: Path, section: dict[str, Any]) -> list[str]:
     return found
 
 
-def run_demo(out_dir: Path, quick: bool) -> dict[str, Any]:
+def run_demo(out_dir: Path, quick: bool, full: bool = False) -> dict[str, Any]:
     """Run every section present; write ``metrics.json`` and print the figures' paths.
 
     Args:
         out_dir: output folder (created).
-        quick: the default short demo; ``False`` (``--full``) runs the longer versions.
+        quick: smoke runs (seconds).
+        full: the longer versions (``ev demo --full``, minutes). Neither: the default demo,
+            about 45 s on 2 idle cores.
 
     Returns:
         ``{section: metrics, "seconds": {section: s}, "figures": [...]}`` as written to
@@ -51,16 +57,25 @@ def run_demo(out_dir: Path, quick: bool) -> dict[str, Any]:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, Any] = {"seconds": {}, "figures": []}
-    for name, module_name in SECTIONS.items():
-        if importlib.util.find_spec(module_name) is None:
-            continue
-        module = importlib.import_module(module_name)
-        start = time.perf_counter()
-        section = module.run_demo_section(out_dir, quick)
-        metrics["seconds"][name] = time.perf_counter() - start
-        metrics[name] = section
-        metrics["figures"] += _figures(out_dir, section)
+    threads = torch.get_num_threads()
+    # the demo models are tiny: one thread is as fast, and a second OpenMP thread spinning at
+    # every small op's barrier made the default demo 12× slower on a shared machine (measured)
+    metrics: dict[str, Any] = {"seconds": {}, "figures": [], "threads": 1}
+    torch.set_num_threads(1)
+    try:
+        for name, module_name in SECTIONS.items():
+            if importlib.util.find_spec(module_name) is None:
+                continue
+            module = importlib.import_module(module_name)
+            start = time.perf_counter()
+            run = module.run_demo_section
+            full_kw = {"full": True} if full and "full" in inspect.signature(run).parameters else {}
+            section = run(out_dir, quick, **full_kw)
+            metrics["seconds"][name] = time.perf_counter() - start
+            metrics[name] = section
+            metrics["figures"] += _figures(out_dir, section)
+    finally:
+        torch.set_num_threads(threads)
     write_json(out_dir / "metrics.json", metrics)
     for path in metrics["figures"]:
         print(f"figure: {path}")

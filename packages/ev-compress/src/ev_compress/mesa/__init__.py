@@ -14,7 +14,9 @@ dequantised in backward::
     mesa.revert(model)                       # back to the original model
 
 What is compressed, per op kind: :data:`OP_KINDS` (one registry, :mod:`ev_compress.mesa.ops`).
-Only training-mode forwards with gradients are compressed.
+Only training-mode forwards with gradients are compressed. ``torch.compile(model,
+fullgraph=True)`` captures a converted model in one graph: every compressed op is a custom op of
+the ``ev_mesa`` library (:mod:`ev_compress.mesa.ops._library`).
 """
 
 from ev_compress.mesa.core import (
@@ -25,12 +27,20 @@ from ev_compress.mesa.core import (
     running_estimates,
     strip_state_dict,
 )
-from ev_compress.mesa.policy import OP_KINDS, LayerRule, MesaPolicy, OpSettings, load_policy
+from ev_compress.mesa.policy import (
+    OP_KINDS,
+    LayerRule,
+    MesaPolicy,
+    ModulePolicy,
+    OpSettings,
+    load_policy,
+)
 from ev_compress.mesa.quant import (
     GroupLayout,
     QTensor,
     dequantize,
     make_layout,
+    mix_seed,
     pack_bits,
     quantize,
     unpack_bits,
@@ -46,6 +56,7 @@ __all__ = [
     "LayerRule",
     "MesaPolicy",
     "MesaSummary",
+    "ModulePolicy",
     "OpSettings",
     "QTensor",
     "SavedTensorMeter",
@@ -56,6 +67,7 @@ __all__ = [
     "load_policy",
     "make_layout",
     "mesa_disabled",
+    "mix_seed",
     "pack_bits",
     "quantize",
     "revert",

@@ -9,7 +9,7 @@
 * ``dequantize``: codes → ``code·step + β`` in the requested dtype.
 
 Offsets are 64-bit (tensors above 2³¹ elements); the Philox seed is read from a device tensor
-drawn from Mesa's generator (no host synchronisation, CUDA-graph safe), and the Philox offset
+(Mesa's per-call seed) (no host synchronisation, CUDA-graph safe), and the Philox offset
 of element ``i`` is ``i mod 2³¹`` with ``i div 2³¹`` mixed into the seed. Disabled with
 ``EV_MESA_TRITON=0``; without Triton or CUDA the vectorised torch path of
 :mod:`ev_compress.mesa.quant` is used. ``TRITON_INTERPRET=1`` runs them on CPU tensors (tests).
@@ -128,17 +128,18 @@ def quantize(
     off: Tensor,
     levels: float,
     stochastic: bool,
-    generator: torch.Generator | None,
+    seed: Tensor | None,
 ) -> Tensor:
-    """Codes of a contiguous ``[pre, G, rest]`` tensor: ``clamp(x·inv + off + u, 0, levels)``."""
+    """Codes of a contiguous ``[pre, G, rest]`` tensor: ``clamp(x·inv + off + u, 0, levels)``;
+    ``seed``: int64 scalar tensor (read on the device) of the Philox stream of ``u``."""
     _, quant_kernel, _ = _kernels()
     out = torch.empty(xg.shape, dtype=torch.uint8, device=xg.device)
     n = xg.numel()
     if n:
         # the seed stays on the device: no host sync, capturable in a CUDA graph
-        seed = torch.randint(
-            0, 2**31 - 1, (1,), dtype=torch.int64, device=xg.device, generator=generator
-        )
+        if seed is None:
+            seed = torch.zeros((), dtype=torch.int64, device=xg.device)
+        seed = seed.to(device=xg.device, dtype=torch.int64).reshape(1)
         grid = ((n + _BLOCK - 1) // _BLOCK,)
         quant_kernel[grid](
             xg,

@@ -8,7 +8,7 @@ called by an ``nn`` module (``nn.Linear`` → ``F.linear``), a subclass (timm's 
 of them, and module classes, parameter names and ``forward`` code stay untouched: ``revert``
 only removes hooks. Swapping ``nn.Linear`` for a ``MesaLinear`` subclass would still need the
 mode for functional calls, and would miss subclasses whose own ``forward`` calls the
-functional op. Ops without a Mesa autograd function are compressed by a
+functional op. Ops without a Mesa custom op are compressed by a
 ``saved_tensors_hooks`` pair installed for the same forward (see :mod:`ev_compress.mesa.ops`).
 
 Ownership: forward pre/post hooks on every module keep a (thread-local) stack of the modules
@@ -27,11 +27,25 @@ enabled (``eval()`` forwards run the plain ops). Each estimate is updated at mos
 forward of the whole model: a checkpointed block recomputed inside backward updates it only
 if the first forward did not (reentrant checkpointing runs that forward without gradients, so
 the recomputation is the one update; non-reentrant checkpointing updates in the forward).
+A new estimate starts as NaN (uninitialised) and its first update sets it from the batch.
+
+``torch.compile``: every compressed call is an ``ev_mesa`` custom op (see
+:mod:`ev_compress.mesa.ops._library`) and everything else here is plain Python that Dynamo
+traces (the module stack, the mode, the policy, the estimate look-ups), so
+``torch.compile(model, fullgraph=True)`` captures a converted model in one graph. The
+stochastic-rounding noise of a call is seeded by the model's forward counter (an int64 tensor
+incremented by each training forward) mixed with the call's position in the forward and the
+policy's seed, the same numbers in eager and compiled runs. Under compilation the saved-tensor
+hooks are off (the kinds they cover stay full precision there), nothing is recorded for
+``summary``, and the first compiled call of a fresh model is traced twice (it creates the
+estimates; the second trace reads them).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import math
 import threading
 import weakref
 from collections.abc import Iterator
@@ -44,9 +58,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from ev_compress.mesa.ops import FUNCTION_KIND, HANDLERS, HOOKED, PASS, Quantizer
-from ev_compress.mesa.policy import MesaPolicy, OpSettings
-from ev_compress.mesa.quant import GroupLayout, Layout, QTensor, dequantize, make_layout, quantize
+from ev_compress.mesa.ops import FUNCTION_KIND, HANDLERS, HOOKED, PASS
+from ev_compress.mesa.ops._library import QArgs
+from ev_compress.mesa.ops._library import q as quantize_call
+from ev_compress.mesa.policy import MesaPolicy, ModulePolicy, OpSettings
+from ev_compress.mesa.quant import GroupLayout, Layout, QTensor, dequantize, make_layout
 from ev_compress.mesa.records import FullPrecisionRecord, SlotRecord, param_derived
 
 __all__ = [
@@ -59,19 +75,24 @@ __all__ = [
 ]
 
 _CONTEXT_ATTR = "_mesa_context"
+_FORWARD_ATTR = "forward"
 _PREFIX = "mesa_"
 _PLAIN_TYPES = (Tensor, nn.Parameter)
 #: Saved tensors the hooks leave alone: fewer elements than this, or a per-row statistic
 #: (last dimension 1, e.g. an rms-norm ``rstd``): small, and quantising them would cost
 #: accuracy for no memory.
 _MIN_NUMEL = 4096
+#: A call's salt: ``(base seed · stride + call number) mod 2⁶²`` (an int64 op argument).
+_SALT_STRIDE = 1_000_003
+_SALT_MODULUS = 1 << 62
 
 
 @dataclass
 class _Frame:
     module: nn.Module
     name: str
-    kinds: frozenset[str]
+    kinds: frozenset[str]  # what the policy may compress here (defaults or any rule)
+    policy: ModulePolicy
     active: bool
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -90,7 +111,7 @@ class _Call:
 
 
 class _MesaMode(TorchFunctionMode):
-    """Routes supported ops run by a converted model to the Mesa autograd functions."""
+    """Routes supported ops run by a converted model to the ``ev_mesa`` custom ops."""
 
     def __init__(self, context: _MesaContext) -> None:
         super().__init__()
@@ -138,6 +159,53 @@ class _MesaMode(TorchFunctionMode):
             local.current = previous
 
 
+class _Quantizer:
+    """The :class:`~ev_compress.mesa.ops.Quantizer` of one intercepted call."""
+
+    def __init__(
+        self, ctx: _MesaContext, frame: _Frame, kind: str, slot: str, settings: OpSettings
+    ) -> None:
+        self.ctx, self.frame, self.kind, self.slot, self.settings = ctx, frame, kind, slot, settings
+        self._pending: dict[str, GroupLayout] = {}
+
+    def __call__(self, x: Tensor, operand: str, layout: Layout) -> QTensor:
+        return self.ctx.quantize(
+            self.frame, self.kind, self.slot, operand, layout, x, self.settings
+        )
+
+    def args(self, like: Tensor, operand: str, layout: Layout) -> QArgs:
+        qa, gl = self.ctx.qargs(
+            self.frame, self.slot, operand, like.shape, like.device, layout, self.settings
+        )
+        self._pending[operand] = gl
+        return qa
+
+    def commit(
+        self,
+        qargs: QArgs,
+        operand: str,
+        like: Tensor,
+        codes: Tensor,
+        step: Tensor,
+        minimum: Tensor,
+        new_range: Tensor,
+        new_min: Tensor,
+        *,
+        reuse: bool,
+    ) -> QTensor:
+        gl = self._pending.pop(operand)
+        if qargs.update and not self.ctx.probing:
+            with torch.no_grad():
+                qargs.running_range.copy_(new_range)
+                qargs.running_min.copy_(new_min)
+        qt = QTensor(codes, step, minimum, like.shape, like.dtype)
+        ctx = self.ctx
+        ctx.record(self.frame, self.kind, self.slot, operand, like.shape, like.dtype, gl.groups, qt)
+        if reuse:
+            ctx.remember(like, gl, self.settings.bits, qt)
+        return qt
+
+
 def _op_name(func: Any) -> str:
     name = getattr(func, "__name__", None) or repr(func)
     return "max_pool" if name == "fn" else name  # F.max_pool*d are boolean_dispatch wrappers
@@ -153,43 +221,98 @@ class _MesaContext:
         self.records: dict[tuple[str, str, str], SlotRecord] = {}
         self.fp_records: dict[tuple[str, str, int], FullPrecisionRecord] = {}
         self.estimates: dict[str, tuple[Tensor, Tensor]] = {}
-        self.generation = 0
-        self._updated: dict[str, int] = {}
+        #: training forwards so far (int64; seeds the stochastic rounding with the call salt)
+        self.counter = torch.zeros((), dtype=torch.int64)
+        self.base_seed = policy.seed if policy.seed is not None else torch.initial_seed()
         self._settings: dict[tuple[str, str], OpSettings] = {}
-        self._generators: dict[str, torch.Generator] = {}
-        self._local = self._new_local()
+        self.probing = False  # a fake-tensor forward creating the estimates (see probe)
+        self._init_forward_state()
+
+    def _init_forward_state(self) -> None:
+        self._threads = _ThreadState()
+        self._traced = _State()
+        # one mode object: torch.compile guards on the identity of the modes on the stack
+        self._mode = _MesaMode(self)
+
+    @property
+    def _local(self) -> _State:
+        """The forward state: per thread in eager mode; one plain object in code that
+        ``torch.compile`` traces (Dynamo does not carry ``threading.local`` attribute writes
+        across a graph break)."""
+        return self._traced if torch.compiler.is_compiling() else self._threads
 
     # -- pickling / deepcopy (copy.deepcopy, torch.save(model), timm ModelEmaV3) -------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        del state["_local"]  # per-thread forward state; empty between forwards
+        for name in ("_threads", "_traced", "_mode"):  # forward state: empty between forwards
+            del state[name]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._local = self._new_local()
+        self._init_forward_state()
 
-    @staticmethod
-    def _new_local() -> threading.local:
-        return _Local()
+    def probe(self, run: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Create the running estimates (NaN, uninitialised) by one forward on fake tensors: no
+        computation, no update of anything else (counter, records, buffers, random state)."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.utils._pytree import tree_map_only
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fake_args, fake_kwargs = tree_map_only(Tensor, mode.from_tensor, (args, kwargs))
+        self.probing = True
+        try:
+            with mode:
+                run(*fake_args, **fake_kwargs)
+        finally:
+            self.probing = False
+            self._threads = _ThreadState()
 
     # -- module stack -------------------------------------------------------------------------
-    def pre_hook(self, name: str, kinds: frozenset[str], module: nn.Module, args: Any) -> None:
+    def pre_hook(
+        self, name: str, kinds: frozenset[str], policy: ModulePolicy, module: nn.Module, args: Any
+    ) -> None:
+        self.begin(name, kinds, policy, module, enter_mode=True)
+
+    def post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.end(module)
+
+    def begin(
+        self,
+        name: str,
+        kinds: frozenset[str],
+        policy: ModulePolicy,
+        module: nn.Module,
+        *,
+        enter_mode: bool,
+    ) -> None:
+        """A module's forward starts: push its frame; the outermost one resets the per-forward
+        state, counts the step and (with ``enter_mode``) enters the Mesa mode."""
         local = self._local
         st: list[_Frame] = local.stack
         if not st:
-            in_backward = torch._C._current_graph_task_id() != -1
+            compiling = torch.compiler.is_compiling()
+            in_backward = not compiling and torch._C._current_graph_task_id() != -1
             if not in_backward:
-                self.generation += 1
                 local.kind_counts = {}
-            mode = _MesaMode(self)
-            mode.__enter__()
-            local.mode = mode
+                local.updated = set()
+                local.calls = 0
+                training = self.enabled and module.training and torch.is_grad_enabled()
+                if training and not self.probing:
+                    with torch.no_grad():
+                        self.counter.add_(1)
+            local.open = True
+            if enter_mode:
+                self._mode.__enter__()
+                local.mode = self._mode
             local.cache = {}
+            local.traced = []
             local.seen = set()
-            outer = _top_saved_tensors_hooks()
+            outer = None if compiling else _top_saved_tensors_hooks()
             if (
-                not in_backward
+                not compiling
+                and not in_backward
+                and not self.probing
                 and self.enabled
                 and not _is_checkpoint_hook(outer)
                 and not _under_torch_compile()
@@ -202,59 +325,161 @@ class _MesaContext:
                 hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
                 hooks.__enter__()
                 local.hooks = hooks
-        st.append(_Frame(module, name, kinds, module.training))
+        st.append(_Frame(module, name, kinds, policy, module.training))
 
-    def post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+    def end(self, module: nn.Module) -> None:
+        """A module's forward ends: pop its frame; the outermost one leaves what ``begin``
+        entered."""
         local = self._local
         st: list[_Frame] = local.stack
         if st and st[-1].module is module:
             st.pop()
-        if not st and local.mode is not None:
+        if not st and local.open:
+            local.open = False
             if local.hooks is not None:
                 local.hooks.__exit__(None, None, None)
                 local.hooks = None
-            local.mode.__exit__(None, None, None)
-            local.mode = None
+            if local.mode is not None:
+                local.mode.__exit__(None, None, None)
+                local.mode = None
             local.cache = {}
+            local.traced = []
             local.seen = set()
             local.params = set()
             local.outer = None
 
     # -- policy ---------------------------------------------------------------------------------
     def slot(self, frame: _Frame, kind: str) -> tuple[str, OpSettings]:
-        """Next call slot of ``kind`` in ``frame`` and its resolved settings."""
+        """Next call slot of ``kind`` in ``frame`` and its resolved settings (resolved at the
+        first call, so that a recomputation inside backward keeps them)."""
         index = frame.counters.get(kind, 0)
         frame.counters[kind] = index + 1
         slot = f"{kind}{index}"
-        key = (frame.name, slot)
-        settings = self._settings.get(key)
-        if settings is None:
-            counts: dict[str, int] | None = self._local.kind_counts
-            position = -1
-            if counts is not None:
-                position = counts.get(kind, 0)
-            settings = self.policy.settings(frame.name, kind, position)
-            self._settings[key] = settings
-        counts = self._local.kind_counts
-        if counts is not None and torch._C._current_graph_task_id() == -1:
-            counts[kind] = counts.get(kind, 0) + 1
+        counts: dict[str, int] | None = self._local.kind_counts
+        position = -1 if counts is None else counts.get(kind, 0)
+        if torch.compiler.is_compiling():  # traced once per graph: no cache to guard on
+            settings = frame.policy.settings(kind, position)
+        else:
+            key = (frame.name, slot)
+            cached = self._settings.get(key)
+            if cached is None:
+                cached = self._settings[key] = frame.policy.settings(kind, position)
+            settings = cached
+            if torch._C._current_graph_task_id() != -1:
+                return slot, settings
+        if counts is not None:
+            counts[kind] = position + 1
         return slot, settings
 
     # -- quantisation -------------------------------------------------------------------------
-    def generator(self, device: torch.device) -> torch.Generator:
-        gen = self._generators.get(str(device))
-        if gen is None:
-            gen = torch.Generator(device=device)
-            seed = self.policy.seed if self.policy.seed is not None else torch.initial_seed()
-            gen.manual_seed(seed)
-            self._generators[str(device)] = gen
-        return gen
+    def quantizer(self, frame: _Frame, kind: str, slot: str, settings: OpSettings) -> _Quantizer:
+        return _Quantizer(self, frame, kind, slot, settings)
 
-    def quantizer(self, frame: _Frame, kind: str, slot: str, settings: OpSettings) -> Quantizer:
-        def quant(x: Tensor, operand: str, layout: Layout) -> QTensor:
-            return self.quantize(frame, kind, slot, operand, layout, x, settings)
+    def qargs(
+        self,
+        frame: _Frame,
+        slot: str,
+        operand: str,
+        shape: torch.Size,
+        device: torch.device,
+        layout: Layout,
+        settings: OpSettings,
+    ) -> tuple[QArgs, GroupLayout]:
+        """The quantising arguments of one operand: its running estimates (created as NaN at
+        first use), whether they update now (once per forward), the seed and salt."""
+        gl = make_layout(
+            shape, layout, channel_groups=settings.channel_groups, head_groups=settings.head_groups
+        )
+        name = (
+            f"{frame.name}.{_PREFIX}{slot}_{operand}"
+            if frame.name
+            else f"{_PREFIX}{slot}_{operand}"
+        )
+        local = self._local
+        est = self.estimates.get(name)
+        fresh = est is None or est[0].shape != (gl.groups,) or est[1].shape != (gl.groups,)
+        if fresh:
+            with _real_tensors(self.probing):
+                est = (
+                    torch.full((gl.groups,), math.nan, dtype=torch.float32, device=device),
+                    torch.full((gl.groups,), math.nan, dtype=torch.float32, device=device),
+                )
+            self.estimates[name] = est
+        else:
+            assert est is not None
+            if est[0].device != device:
+                with _real_tensors(self.probing):
+                    est = (est[0].to(device), est[1].to(device))
+                self.estimates[name] = est
+        if self.counter.device != device:
+            with _real_tensors(self.probing):
+                self.counter = self.counter.to(device)
+        # at most one update per forward of the model (see the module docstring)
+        updated: set[str] = local.updated
+        update = fresh or name not in updated
+        updated.add(name)
+        local.calls += 1
+        args = QArgs(
+            running_range=est[0],
+            running_min=est[1],
+            seed=self.counter,
+            salt=(self.base_seed * _SALT_STRIDE + local.calls) % _SALT_MODULUS,
+            dim=gl.dim,
+            groups=gl.groups,
+            bits=settings.bits,
+            momentum=settings.momentum,
+            update=update,
+            stochastic=self.policy.stochastic_rounding,
+        )
+        return args, gl
 
-        return quant
+    def record(
+        self,
+        frame: _Frame,
+        kind: str,
+        slot: str,
+        operand: str,
+        shape: torch.Size,
+        dtype: torch.dtype,
+        groups: int,
+        qt: QTensor,
+    ) -> None:
+        """Keep what :func:`~ev_compress.mesa.summary` reports (eager forwards only)."""
+        if torch.compiler.is_compiling() or self.probing:
+            return
+        self.records[(frame.name, slot, operand)] = SlotRecord(
+            module=frame.name,
+            kind=kind,
+            slot=slot,
+            operand=operand,
+            shape=tuple(shape),
+            dtype=dtype,
+            groups=groups,
+            original_bytes=math.prod(shape) * dtype.itemsize,
+            quantised_bytes=qt.nbytes,
+        )
+
+    def cached(self, x: Tensor, gl: GroupLayout, bits: int) -> QTensor | None:
+        """The codes already made in this forward for ``x`` with this grouping, if any."""
+        if not self.policy.reuse:
+            return None
+        if torch.compiler.is_compiling():  # traced: compare the (fake) tensors themselves
+            for t, g, b, qt in self._local.traced:
+                if t is x and g == gl and b == bits:
+                    return qt
+            return None
+        hit = self._local.cache.get(id(x))
+        if hit is None or hit[2] != gl or hit[3] != bits:
+            return None
+        return hit[4] if hit[0]() is x and hit[1] == x._version else None
+
+    def remember(self, x: Tensor, gl: GroupLayout, bits: int, qt: QTensor) -> None:
+        if not self.policy.reuse:
+            return
+        if torch.compiler.is_compiling():
+            self._local.traced.append((x, gl, bits, qt))
+        else:
+            self._local.cache[id(x)] = (weakref.ref(x), x._version, gl, bits, qt)
 
     def quantize(
         self,
@@ -266,71 +491,21 @@ class _MesaContext:
         x: Tensor,
         settings: OpSettings,
     ) -> QTensor:
-        p = self.policy
+        """``x`` quantised by ``ev_mesa::quantize`` (or the codes made for it already)."""
         gl = make_layout(
             x.shape,
             layout,
             channel_groups=settings.channel_groups,
             head_groups=settings.head_groups,
         )
-        local = self._local
-        cache: dict[int, tuple[Any, int, GroupLayout, int, QTensor]] = local.cache
-        if p.reuse:
-            hit = cache.get(id(x))
-            if (
-                hit is not None
-                and hit[0]() is x
-                and hit[1] == x._version
-                and hit[2] == gl
-                and hit[3] == settings.bits
-            ):
-                return hit[4]
-        name = (
-            f"{frame.name}.{_PREFIX}{slot}_{operand}"
-            if frame.name
-            else f"{_PREFIX}{slot}_{operand}"
-        )
-        est = self.estimates.get(name)
-        initialise = est is None or est[0].shape != (gl.groups,) or est[1].shape != (gl.groups,)
-        if initialise:
-            est = (
-                torch.empty(gl.groups, dtype=torch.float32, device=x.device),
-                torch.empty(gl.groups, dtype=torch.float32, device=x.device),
-            )
-            self.estimates[name] = est
-        else:
-            assert est is not None
-            if est[0].device != x.device:
-                est = (est[0].to(x.device), est[1].to(x.device))
-                self.estimates[name] = est
-        # at most one update per forward of the model (see the module docstring)
-        update = self._updated.get(name) != self.generation
-        self._updated[name] = self.generation
-        qt = quantize(
-            x,
-            gl,
-            running_range=est[0],
-            running_min=est[1],
-            initialise=initialise,
-            update=update,
-            momentum=settings.momentum,
-            bits=settings.bits,
-            stochastic=p.stochastic_rounding,
-            generator=self.generator(x.device),
-        )
-        self.records[(frame.name, slot, operand)] = SlotRecord(
-            module=frame.name,
-            kind=kind,
-            slot=slot,
-            operand=operand,
-            shape=tuple(x.shape),
-            dtype=x.dtype,
-            groups=gl.groups,
-            original_bytes=x.numel() * x.element_size(),
-            quantised_bytes=qt.nbytes,
-        )
-        if p.reuse:
-            cache[id(x)] = (weakref.ref(x), x._version, gl, settings.bits, qt)
+        hit = self.cached(x, gl, settings.bits)
+        if hit is not None:
+            return hit
+        qa, gl = self.qargs(frame, slot, operand, x.shape, x.device, layout, settings)
+        codes, step, minimum = quantize_call(x.detach(), *qa.op_args())
+        qt = QTensor(codes, step, minimum, x.shape, x.dtype)
+        self.record(frame, kind, slot, operand, x.shape, x.dtype, gl.groups, qt)
+        self.remember(x, gl, settings.bits, qt)
         return qt
 
     # -- saved-tensor hooks ---------------------------------------------------------------------
@@ -357,7 +532,7 @@ class _MesaContext:
         if ptr in local.params or param_derived(t, local.params):
             return t
         call: _Call | None = local.current
-        if local.in_op:  # saved by a Mesa function: codes, or what it keeps in fp
+        if local.in_op:  # saved by a Mesa op: codes, or what it keeps in fp
             if t.is_floating_point() and not (t.dim() == 1 and t.numel() <= 1024):  # [G] params
                 self._record_fp(st[-1], call.op if call else "?", t, "kept by the Mesa op")
             return t
@@ -426,23 +601,95 @@ class _MesaContext:
                     parts["range"].detach().float().clone(),
                     parts["min"].detach().float().clone(),
                 )
-                self._updated.pop(name, None)
 
 
-class _Local(threading.local):
-    """Per-thread forward state of a converted model."""
+class _Entry:
+    """The converted model's own ``forward`` (an instance attribute; the class's ``forward`` runs
+    inside it): the outermost call enters the Mesa mode here rather than in a forward hook, so
+    that ``torch.compile(model)``, which runs a module's hooks outside the frame it compiles,
+    traces the mode, the module stack and every op of the model in one frame."""
+
+    def __init__(
+        self,
+        ctx: _MesaContext,
+        module: nn.Module,
+        kinds: frozenset[str],
+        policy: ModulePolicy,
+        previous: Any,
+    ) -> None:
+        self.ctx, self.module, self.kinds, self.policy = ctx, module, kinds, policy
+        self.previous = previous  # an instance-level forward the model had before, if any
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # A top-level call under torch.compile runs this frame eagerly (see _skip_top_frame) and
+        # the compiler captures ``run``: a fresh model's estimates are created here first, by a
+        # fake-tensor forward, so that the first compilation already reads them (else the first
+        # call creates them inside the graph and the second call traces again).
+        if (
+            not torch.compiler.is_compiling()
+            and not self.ctx.estimates
+            and self.ctx.enabled
+            and self.module.training
+            and torch.is_grad_enabled()
+            and _under_torch_compile()
+        ):
+            torch._dynamo.disable(self.ctx.probe)(self.run, args, kwargs)
+        return self.run(*args, **kwargs)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward inside the Mesa mode (entered and left in this frame itself:
+        ``torch.compile`` then keeps the mode stack right across graph breaks)."""
+        ctx, module = self.ctx, self.module
+        mode = None if ctx._local.stack else ctx._mode
+        ctx.begin("", self.kinds, self.policy, module, enter_mode=False)
+        if mode is not None:
+            mode.__enter__()
+        try:
+            if self.previous is not None:
+                return self.previous(*args, **kwargs)
+            return type(module).forward(module, *args, **kwargs)
+        finally:
+            if mode is not None:
+                mode.__exit__(None, None, None)
+            ctx.end(module)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        if self.previous is not None:
+            return inspect.signature(self.previous)
+        return inspect.signature(functools.partial(type(self.module).forward, self.module))
+
+
+def _skip_top_frame(code: Any) -> None:
+    """Run ``code`` eagerly when it is the top frame under ``torch.compile`` (it is still inlined
+    when a compiled caller traces it)."""
+    skip = getattr(getattr(torch._dynamo, "eval_frame", None), "skip_code", None)
+    if skip is not None:
+        skip(code)
+
+
+class _State:
+    """Forward state of a converted model (what the running forward has seen so far)."""
 
     def __init__(self) -> None:
         self.stack: list[_Frame] = []
-        self.mode: _MesaMode | None = None
+        self.open = False  # an outermost forward is running
+        self.mode: _MesaMode | None = None  # the mode begin() entered, if it did
         self.hooks: Any = None
-        self.cache: dict[int, Any] = {}
+        self.cache: dict[int, Any] = {}  # id → (weakref, version, layout, bits, QTensor)
+        self.traced: list[Any] = []  # the same under torch.compile: (tensor, layout, bits, QTensor)
         self.seen: set[int] = set()
         self.params: set[int] = set()
         self.current: _Call | None = None
         self.in_op = False
         self.kind_counts: dict[str, int] | None = None
+        self.updated: set[str] = set()  # estimates updated in this forward
+        self.calls = 0  # quantised operands in this forward (the salt of the next one)
         self.outer: tuple[Any, Any] | None = None
+
+
+class _ThreadState(threading.local, _State):
+    """:class:`_State` per thread (eager mode)."""
 
 
 @dataclass
@@ -470,11 +717,23 @@ def _top_saved_tensors_hooks() -> tuple[Any, Any] | None:
 
 
 def _under_torch_compile() -> bool:
-    """Whether a ``torch.compile`` d call is running (its AOT graphs save tensors as views that
-    they rebuild with ``as_strided``: the saved-tensor hooks stay off; the Mesa functions of the
-    mode still compress at the graph breaks)."""
+    """Whether a ``torch.compile`` d call is running, seen from code that runs eagerly inside it
+    (a top frame the compiler skips, code between graph breaks): the saved-tensor hooks stay
+    off there (the AOT graphs save tensors as views that they rebuild with ``as_strided``)."""
     get = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", None)
     return get is not None and get() not in (None, False)
+
+
+@contextmanager
+def _real_tensors(inside_fake_mode: bool) -> Iterator[None]:
+    """Create real tensors even inside :meth:`_MesaContext.probe`'s fake-tensor mode."""
+    if not inside_fake_mode:
+        yield
+        return
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        yield
 
 
 def _is_checkpoint_hook(hooks: tuple[Any, Any] | None) -> bool:
@@ -525,14 +784,18 @@ def convert(model: nn.Module, policy: MesaPolicy | None = None) -> nn.Module:
     policy = policy if policy is not None else MesaPolicy()
     ctx = _MesaContext(policy)
     for name, module in model.named_modules():
+        if module is model:
+            continue
         kinds = policy.may_compress(name)
-        ctx.handles.append(
-            module.register_forward_pre_hook(functools.partial(ctx.pre_hook, name, kinds))
-        )
+        hook = functools.partial(ctx.pre_hook, name, kinds, policy.for_module(name))
+        ctx.handles.append(module.register_forward_pre_hook(hook))
         ctx.handles.append(module.register_forward_hook(ctx.post_hook, always_call=True))
     ctx.handles.append(model.register_state_dict_post_hook(functools.partial(ctx.state_dict_hook)))
     ctx.handles.append(
         model.register_load_state_dict_pre_hook(functools.partial(ctx.load_state_dict_pre_hook))
+    )
+    model.__dict__[_FORWARD_ATTR] = _Entry(
+        ctx, model, policy.may_compress(""), policy.for_module(""), model.__dict__.get("forward")
     )
     model.__dict__[_CONTEXT_ATTR] = ctx
     return model
@@ -547,6 +810,9 @@ def revert(model: nn.Module) -> nn.Module:
     ctx = _context(model)
     for handle in ctx.handles:
         handle.remove()
+    entry = model.__dict__.pop(_FORWARD_ATTR)
+    if entry.previous is not None:
+        model.__dict__[_FORWARD_ATTR] = entry.previous
     del model.__dict__[_CONTEXT_ATTR]
     return model
 
@@ -575,3 +841,8 @@ def mesa_disabled(model: nn.Module) -> Iterator[None]:
 def strip_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``state_dict`` without Mesa's running estimates (to load into a plain model)."""
     return {k: v for k, v in state_dict.items() if not _is_mesa_key(k)}
+
+
+# the eager part of a top-level call under torch.compile, and what it calls
+for _code in (_Entry.__call__, _under_torch_compile):
+    _skip_top_frame(_code.__code__)

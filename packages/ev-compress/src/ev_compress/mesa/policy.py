@@ -15,7 +15,7 @@ from typing import Any
 from ev_compress.mesa.ops import OP_KINDS
 from ev_core.errors import EvError
 
-__all__ = ["OP_KINDS", "LayerRule", "MesaPolicy", "OpSettings", "load_policy"]
+__all__ = ["OP_KINDS", "LayerRule", "MesaPolicy", "ModulePolicy", "OpSettings", "load_policy"]
 
 
 @dataclass(frozen=True)
@@ -183,21 +183,15 @@ class MesaPolicy:
 
     def settings(self, module_name: str, kind: str, index: int) -> OpSettings:
         """The resolved settings of call ``index`` of ``kind`` inside ``module_name``."""
-        enabled = kind in self.ops_for(module_name)
-        bits, momentum = self.bits, self.momentum
-        channel_groups, head_groups = self.channel_groups, self.head_groups
-        for r in self.rules:
-            if not r.matches(module_name, kind, index):
-                continue
-            if r.enable is not None:
-                enabled = r.enable
-            if r.bits is not None:
-                bits = r.bits
-            if r.groups is not None:
-                channel_groups = head_groups = r.groups
-            if r.momentum is not None:
-                momentum = r.momentum
-        return OpSettings(enabled, bits, channel_groups, head_groups, momentum)
+        return self.for_module(module_name).settings(kind, index)
+
+    def for_module(self, module_name: str) -> ModulePolicy:
+        """The policy of one module with its name patterns resolved (what a converted model
+        keeps per module: resolving a call's settings then matches no patterns)."""
+        rules = tuple(
+            r for r in self.rules if any(fnmatch.fnmatchcase(module_name, p) for p in r.modules)
+        )
+        return ModulePolicy(self, self.ops_for(module_name), rules)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (dumped beside outputs; :meth:`from_dict` reads them back)."""
@@ -237,6 +231,40 @@ class MesaPolicy:
         from ev_core.io import write_json
 
         return write_json(path, self.to_dict())
+
+
+@dataclass(frozen=True)
+class ModulePolicy:
+    """A :class:`MesaPolicy` restricted to one module (see :meth:`MesaPolicy.for_module`).
+
+    Attributes:
+        policy: the whole policy (its defaults).
+        kinds: op kinds the defaults compress in this module.
+        rules: the rules whose module patterns match it, in order.
+    """
+
+    policy: MesaPolicy
+    kinds: frozenset[str]
+    rules: tuple[LayerRule, ...]
+
+    def settings(self, kind: str, index: int) -> OpSettings:
+        """The resolved settings of call ``index`` of ``kind`` in this module."""
+        p = self.policy
+        enabled = kind in self.kinds
+        bits, momentum = p.bits, p.momentum
+        channel_groups, head_groups = p.channel_groups, p.head_groups
+        for r in self.rules:
+            if (r.ops and kind not in r.ops) or (r.indices is not None and index not in r.indices):
+                continue
+            if r.enable is not None:
+                enabled = r.enable
+            if r.bits is not None:
+                bits = r.bits
+            if r.groups is not None:
+                channel_groups = head_groups = r.groups
+            if r.momentum is not None:
+                momentum = r.momentum
+        return OpSettings(enabled, bits, channel_groups, head_groups, momentum)
 
 
 def _listify(value: Any) -> Any:

@@ -17,7 +17,9 @@ official Mesa code only clamps below, so values above the running maximum wrap a
 Running estimates (Mesa's "ema"): the first batch initialises ``α = max − min`` and ``β = min``
 per group; afterwards ``α ← α − (1 − λ)(α − range_batch)`` and ``β ← β − (1 − λ)(β − min_batch)``
 with momentum ``λ`` (0.9). Non-finite batch statistics (e.g. an fp16 overflow step) leave the
-estimates unchanged.
+estimates unchanged. An estimate holding NaN is *uninitialised*: its next update initialises it
+(how a converted model creates its estimates, so that the first step needs no separate code path,
+also inside a compiled graph).
 
 Layouts (which dimension is grouped):
 
@@ -48,6 +50,8 @@ __all__ = [
     "QTensor",
     "dequantize",
     "make_layout",
+    "mix_seed",
+    "mix_seed_int",
     "pack_bits",
     "quantize",
     "unpack_bits",
@@ -181,13 +185,40 @@ def _noise_bytes(
     shape: torch.Size, device: torch.device, generator: torch.Generator | None
 ) -> Tensor:
     """Uniform random bytes of ``shape`` (one 32-bit draw gives four)."""
-    if torch.compiler.is_compiling():  # dtype views of int32 storage confuse AOT autograd
-        return torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=generator)
     n = math.prod(shape)
     words = torch.randint(
         -(2**31), 2**31 - 1, ((n + 3) // 4,), dtype=torch.int32, device=device, generator=generator
     )
     return words.view(torch.uint8)[:n].view(shape)
+
+
+#: Odd 64-bit constants (splitmix64) mixing a step counter and a per-call salt into one seed.
+_MIX_STEP = 0x9E3779B97F4A7C15
+_MIX_SALT = 0xBF58476D1CE4E5B9
+_MASK63 = (1 << 63) - 1
+
+
+def _wrap64(v: int) -> int:
+    """``v`` as a signed 64-bit integer (two's complement), what int64 tensor arithmetic keeps."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def mix_seed(counter: Tensor, salt: int) -> Tensor:
+    """The seed of one quantisation: ``(counter·A + salt·B) mod 2⁶³`` as an int64 tensor on
+    ``counter``'s device (no host synchronisation; the same value on every device).
+
+    Args:
+        counter: int64 scalar tensor (a converted model's forward counter).
+        salt: any integer (the call's position in the forward, mixed with the base seed).
+    """
+    mixed = counter.to(torch.int64) * _wrap64(_MIX_STEP) + _wrap64(salt * _MIX_SALT)
+    return mixed & _MASK63
+
+
+def mix_seed_int(counter: int, salt: int) -> int:
+    """:func:`mix_seed` in Python integers (the same value)."""
+    return (counter * _MIX_STEP + salt * _MIX_SALT) & _MASK63
 
 
 @torch.no_grad()
@@ -198,7 +229,9 @@ def update_running_range(
     batch_min: Tensor,
     momentum: float,
 ) -> None:
-    """In place: ``α ← α − (1 − λ)(α − range_batch)``, likewise ``β`` (skipping non-finite).
+    """In place: ``α ← α − (1 − λ)(α − range_batch)``, likewise ``β`` (skipping non-finite
+    batch statistics); groups whose estimate is NaN (uninitialised) take the batch statistics
+    (range 1, minimum 0 when those are not finite either).
 
     Args:
         running_range: ``[G]`` estimate ``α`` (updated in place).
@@ -210,10 +243,14 @@ def update_running_range(
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     ok = torch.isfinite(batch_range) & torch.isfinite(batch_min)
-    new_range = running_range.float() - (1.0 - momentum) * (running_range.float() - batch_range)
-    new_min = running_min.float() - (1.0 - momentum) * (running_min.float() - batch_min)
-    running_range.copy_(torch.where(ok, new_range, running_range.float()))
-    running_min.copy_(torch.where(ok, new_min, running_min.float()))
+    fresh = torch.isnan(running_range) | torch.isnan(running_min)
+    rng, mn = running_range.float(), running_min.float()
+    new_range = rng - (1.0 - momentum) * (rng - batch_range)
+    new_min = mn - (1.0 - momentum) * (mn - batch_min)
+    first_range = torch.where(ok, batch_range, torch.ones_like(batch_range))
+    first_min = torch.where(ok, batch_min, torch.zeros_like(batch_min))
+    running_range.copy_(torch.where(fresh, first_range, torch.where(ok, new_range, rng)))
+    running_min.copy_(torch.where(fresh, first_min, torch.where(ok, new_min, mn)))
 
 
 def _triton_ok(x: Tensor) -> bool:
@@ -237,6 +274,7 @@ def quantize(
     bits: int = 8,
     stochastic: bool = True,
     generator: torch.Generator | None = None,
+    seed: Tensor | None = None,
 ) -> QTensor:
     """Quantise ``x`` per group into ``bits``-bit codes stored as uint8.
 
@@ -244,6 +282,7 @@ def quantize(
         x: floating tensor of any shape.
         layout: grouping (see :func:`make_layout`).
         running_range: ``[G]`` running range estimate ``α``; ``None`` = use this batch's range.
+            NaN entries are uninitialised: this batch's statistics set them (with ``update``).
         running_min: ``[G]`` running minimum estimate ``β``; ``None`` = use this batch's min.
         initialise: overwrite the running estimates with this batch's statistics (first step).
         update: apply the momentum update with this batch's statistics before quantising.
@@ -252,6 +291,8 @@ def quantize(
         stochastic: stochastic rounding (``floor(v + u)``); ``False`` rounds to nearest
             (``floor(v + 0.5)``).
         generator: random generator for ``u`` (on ``x``'s device).
+        seed: instead of ``generator``, an int64 scalar tensor (see :func:`mix_seed`): ``u``
+            is then a function of ``(seed, x)`` alone (the CUDA kernel reads it on the device).
 
     Returns:
         The :class:`QTensor`; values outside ``[β, β + α]`` are clamped to the ends.
@@ -262,6 +303,8 @@ def quantize(
         raise ValueError(f"bits must be in 1..8, got {bits}")
     if (running_range is None) != (running_min is None):
         raise ValueError("pass both running_range and running_min, or neither")
+    if generator is not None and seed is not None:
+        raise ValueError("pass a generator or a seed, not both")
     levels = float(2**bits - 1)
     xg = _as_groups(x, layout)
     if running_range is None or running_min is None or initialise or update:
@@ -275,10 +318,8 @@ def quantize(
                 f"({layout.groups},)"
             )
         if initialise:
-            finite = torch.isfinite(batch_range) & torch.isfinite(batch_min)
-            running_range.copy_(torch.where(finite, batch_range, torch.ones_like(batch_range)))
-            running_min.copy_(torch.where(finite, batch_min, torch.zeros_like(batch_min)))
-        elif update:
+            running_range.fill_(math.nan)
+        if initialise or update:
             update_running_range(running_range, running_min, batch_range, batch_min, momentum)
         rng, mn = running_range.float(), running_min.float()
     step = rng.clamp_min(_TINY) / levels
@@ -288,10 +329,17 @@ def quantize(
     if _triton_ok(x):
         from ev_compress.mesa import _triton
 
-        data = _triton.quantize(xg.contiguous(), inv, off, levels, stochastic, generator)
+        if stochastic and seed is None:
+            seed = torch.randint(
+                0, 2**31 - 1, (), dtype=torch.int64, device=x.device, generator=generator
+            )
+        data = _triton.quantize(xg.contiguous(), inv, off, levels, stochastic, seed)
     else:  # (x − β)/step + u as one multiply-add, then clamp and truncate to uint8
         v = torch.addcmul(off[None, :, None], xg, inv[None, :, None])
         if stochastic:  # u = (byte + ½)/256: stochastic rounding at 1/256 resolution
+            if seed is not None:
+                generator = torch.Generator(device=x.device)
+                generator.manual_seed(int(seed))
             v.add_(_noise_bytes(v.shape, v.device, generator), alpha=1.0 / 256).add_(0.5 / 256)
         else:
             v.add_(0.5)

@@ -130,7 +130,8 @@ def summary(model: nn.Module, example_input: Tensor | None = None) -> MesaSummar
         example_input: optional input; when given, one training-mode forward with gradients is
             run with and without Mesa and the saved-for-backward bytes of both are measured
             (parameters and their autocast casts excluded, see :class:`SavedTensorMeter`);
-            buffers, the Mesa estimates and the training flag are restored afterwards.
+            buffers, the Mesa estimates and forward counter and the training flag are restored
+            afterwards.
 
     Returns:
         A :class:`MesaSummary`; ``str()`` of it is a readable table.
@@ -140,6 +141,7 @@ def summary(model: nn.Module, example_input: Tensor | None = None) -> MesaSummar
     if example_input is not None:
         buffers = [(b, b.clone()) for b in model.buffers()]
         estimates = {k: (r.clone(), m.clone()) for k, (r, m) in ctx.estimates.items()}
+        counter = ctx.counter.clone()
         was_training = model.training
         params = list(model.parameters())
         model.train()
@@ -156,6 +158,7 @@ def summary(model: nn.Module, example_input: Tensor | None = None) -> MesaSummar
                     buf.copy_(saved)
             ctx.estimates.clear()
             ctx.estimates.update(estimates)
+            ctx.counter = counter
         baseline, mesa = mb.total_bytes, mm.total_bytes
     slots = sorted(ctx.records.values(), key=lambda s: (s.module, s.slot, s.operand))
     fp = sorted(ctx.fp_records.values(), key=lambda r: (r.module, r.op))

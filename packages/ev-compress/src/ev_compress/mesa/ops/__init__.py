@@ -6,10 +6,12 @@ and the policy's :data:`OP_KINDS` are derived from it, so a new op is added in o
 
 Two mechanisms compress what an op saves for backward:
 
-* **Mesa autograd functions** (``OpKind.handlers``): the call is replaced by a function whose
-  forward runs the original op (bit-identical output) and saves 8-bit codes with the layout
-  that suits the op (head-wise attention operands, per-token-normalised layer-norm input,
-  1-bit ReLU/dropout masks); backward dequantises.
+* **Mesa custom ops** (``OpKind.handlers``, ``torch.ops.ev_mesa.*``, see
+  :mod:`ev_compress.mesa.ops._library`): the call is replaced by an op whose forward runs the
+  original computation (bit-identical output) and saves 8-bit codes with the layout that
+  suits the op (head-wise attention operands, per-token-normalised layer-norm input,
+  per-channel-normalised batch-norm input, 1-bit ReLU/dropout masks); backward dequantises.
+  These ops are what ``torch.compile`` captures.
 * **Saved-tensor hooks** (``OpKind.hooked``, calls a handler passes on, and custom autograd
   functions): while the converted model runs, a ``saved_tensors_hooks`` pair quantises what
   autograd saves for these calls (channel layout) and dequantises it when backward unpacks it.

@@ -1,16 +1,16 @@
-"""What every Mesa op family shares: the quantiser protocol, the registry entry type, saving
-:class:`~ev_compress.mesa.quant.QTensor` parts through ``save_for_backward``, argument binding."""
+"""What every Mesa op family shares: the quantiser protocol, the registry entry type, argument
+binding."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from ev_compress.mesa.ops._library import QArgs
 from ev_compress.mesa.quant import Layout, QTensor
 
 __all__ = ["PASS", "Handler", "OpKind", "Quantizer"]
@@ -21,15 +21,37 @@ PASS: Any = object()
 
 
 class Quantizer(Protocol):
-    """Quantises a tensor that an op saves for backward.
+    """Quantises the tensors an intercepted call saves for backward (the model's estimates,
+    seeds and records behind it).
 
-    Args:
-        x: the tensor.
-        operand: its role (``"input"``, ``"q"``, ...), part of the running-estimate name.
-        layout: the grouping rule.
+    ``quant(x, operand, layout)`` quantises ``x`` now (``ev_mesa::quantize``), or returns the
+    codes already made for the same tensor in this forward. Ops that quantise a tensor they
+    compute themselves (layer norm: the normalised input; softmax: the output) take
+    ``quant.args(like, operand, layout)`` (``like``: a tensor of the quantised tensor's shape
+    and device) and hand their results to ``quant.commit``.
     """
 
     def __call__(self, x: Tensor, operand: str, layout: Layout) -> QTensor: ...
+
+    def args(self, like: Tensor, operand: str, layout: Layout) -> QArgs: ...
+
+    def commit(
+        self,
+        qargs: QArgs,
+        operand: str,
+        like: Tensor,
+        codes: Tensor,
+        step: Tensor,
+        minimum: Tensor,
+        new_range: Tensor,
+        new_min: Tensor,
+        *,
+        reuse: bool,
+    ) -> QTensor:
+        """Store the new estimates (when they update now) and record the codes of a tensor
+        shaped like ``like``; ``reuse``: ``like`` itself was quantised (a later op saving it
+        gets these codes)."""
+        ...
 
 
 #: ``handler(func, args, kwargs, quant)`` runs the intercepted call with compressed saves, or
@@ -44,7 +66,7 @@ class OpKind:
     Attributes:
         name: the policy's name of the kind (``"linear"``, ``"einsum"``, ...).
         saves: what Mesa stores for backward, in words (shown by ``OP_KINDS``).
-        handlers: intercepted callables → handler running a Mesa autograd function. Calls
+        handlers: intercepted callables → handler running a Mesa custom op. Calls
             a handler declines (:data:`PASS`), and every callable in ``hooked``, are compressed by
             the saved-tensor hooks instead (whatever autograd saves for them, quantised with
             the channel layout).
@@ -60,50 +82,9 @@ class OpKind:
     custom_functions: bool = False
 
 
-# ---------------------------------------------------------------------------------------------
-# saving QTensors through save_for_backward (so saved_tensors_hooks and checkpointing see them)
-
-
-def save(ctx: Any, *items: Tensor | QTensor | None) -> None:
-    """``save_for_backward`` of tensors, :class:`QTensor` parts and ``None`` placeholders."""
-    tensors: list[Tensor] = []
-    spec: list[Any] = []
-    for item in items:
-        if item is None:
-            spec.append(None)
-        elif isinstance(item, QTensor):
-            spec.append((item.shape, item.dtype))
-            tensors.extend((item.data, item.step, item.minimum))
-        else:
-            spec.append(True)
-            tensors.append(item)
-    ctx.save_for_backward(*tensors)
-    ctx.mesa_spec = spec
-
-
-def load(ctx: Any) -> list[Any]:
-    """The items given to :func:`save`, in order."""
-    it = iter(ctx.saved_tensors)
-    out: list[Any] = []
-    for s in ctx.mesa_spec:
-        if s is None:
-            out.append(None)
-        elif s is True:
-            out.append(next(it))
-        else:
-            data, step, minimum = next(it), next(it), next(it)
-            out.append(QTensor(data, step, minimum, s[0], s[1]))
-    return out
-
-
-@contextmanager
-def no_autocast(device_type: str) -> Iterator[None]:
-    """Backward maths runs in explicit dtypes: switch autocast off for the device."""
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            yield
-    else:
-        yield
+def parts(q: QTensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """A :class:`QTensor` as op arguments ``(codes, step, minimum)`` (``None`` s for none)."""
+    return (None, None, None) if q is None else (q.data, q.step, q.minimum)
 
 
 def bind(

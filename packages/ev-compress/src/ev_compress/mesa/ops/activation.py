@@ -1,4 +1,5 @@
-"""Activation family: GELU and SiLU (8-bit input, Mesa functions), ReLU (1-bit mask), other
+"""Activation family: GELU and SiLU (8-bit input, ``ev_mesa::gelu/silu``), ReLU (1-bit mask,
+``ev_mesa::relu``; in-place calls are the op plus a copy into the input), other
 point-wise activations and element-wise products (saved-tensor hooks: LayerScale
 ``x * gamma``, hand-written activations such as ``x * torch.sigmoid(1.702 * x)``,
 hardswish, tanh, ...)."""
@@ -11,44 +12,43 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ev_compress.mesa.ops._common import (
-    PASS,
-    OpKind,
-    Quantizer,
-    bind,
-    is_float_tensor,
-    load,
-    no_autocast,
-    save,
-)
-from ev_compress.mesa.quant import dequantize, pack_bits, unpack_bits
+from ev_compress.mesa.ops._common import PASS, OpKind, Quantizer, bind, is_float_tensor, parts
+from ev_compress.mesa.ops._library import NAMESPACE, autocast_cast, dq, kernel
+from ev_compress.mesa.quant import pack_bits, unpack_bits
 
 __all__ = ["KINDS"]
 
 
-class _GeluFn(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx, x: Tensor, approximate: str, func: Callable[..., Tensor], quant: Quantizer
-    ) -> Tensor:
-        out = func(x, approximate=approximate)
-        save(ctx, quant(x, "input", "channels"))
-        c: Any = ctx
-        c.meta = (out.dtype, x.dtype, approximate, x.device.type)
-        return out
+@torch.library.custom_op(f"{NAMESPACE}::gelu", mutates_args=())
+def gelu_op(x: Tensor, codes: Tensor, step: Tensor, minimum: Tensor, approximate: str) -> Tensor:
+    """``F.gelu(x, approximate=approximate)``; backward reads ``x`` from its codes."""
+    with kernel(x.device.type):
+        return F.gelu(x, approximate=approximate)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (qx,) = load(ctx)
-        cd, x_dtype, approximate, dev = ctx.meta
-        with no_autocast(dev):
-            gx = torch.ops.aten.gelu_backward(
-                grad.to(cd), dequantize(qx, cd), approximate=approximate
-            )
-        return gx.to(x_dtype), None, None, None
+
+@gelu_op.register_fake
+def _(x, codes, step, minimum, approximate):  # type: ignore[no-untyped-def]
+    with kernel(x.device.type):
+        return F.gelu(x, approximate=approximate)
+
+
+def _save_input(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, codes, step, minimum, *options = inputs
+    ctx.save_for_backward(codes, step, minimum)
+    ctx.x_meta = (x.shape, x.dtype)
+    ctx.options = options
+
+
+def _gelu_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    codes, step, minimum = ctx.saved_tensors
+    shape, dtype = ctx.x_meta
+    x_hat = dq(codes, step, minimum, shape, dtype)
+    gx = torch.ops.aten.gelu_backward(grad.to(dtype), x_hat, approximate=ctx.options[0])
+    return gx, None, None, None, None
+
+
+gelu_op.register_autograd(_gelu_backward, setup_context=_save_input)
 
 
 def handle_gelu(
@@ -58,32 +58,40 @@ def handle_gelu(
     b = bind(("input", "approximate"), {"approximate": "none"}, args, kwargs)
     if b is None or not is_float_tensor(b["input"]) or not b["input"].requires_grad:
         return PASS
-    return _GeluFn.apply(b["input"], b["approximate"], func, quant)
+    (x,) = autocast_cast("gelu", b["input"])
+    qx = quant(x, "input", "channels")
+    return torch.ops.ev_mesa.gelu(x, *parts(qx), str(b["approximate"]))
 
 
-class _SiluFn(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx, x: Tensor, inplace: bool, func: Callable[..., Tensor], quant: Quantizer
-    ) -> Tensor:
-        qx = quant(x, "input", "channels")  # before an in-place op overwrites x
-        save(ctx, qx)
-        c: Any = ctx
-        c.meta = (x.dtype, x.device.type)
-        if inplace:
-            func(x, inplace=True)
-            ctx.mark_dirty(x)
-            return x
-        return func(x)
+@torch.library.custom_op(f"{NAMESPACE}::silu", mutates_args=())
+def silu_op(x: Tensor, codes: Tensor, step: Tensor, minimum: Tensor) -> Tensor:
+    """``F.silu(x)``; backward reads ``x`` from its codes."""
+    with kernel(x.device.type):
+        return F.silu(x)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (qx,) = load(ctx)
-        x_dtype, dev = ctx.meta
-        with no_autocast(dev):
-            gx = torch.ops.aten.silu_backward(grad.to(x_dtype), dequantize(qx, x_dtype))
-        return gx, None, None, None
+
+@silu_op.register_fake
+def _(x, codes, step, minimum):  # type: ignore[no-untyped-def]
+    with kernel(x.device.type):
+        return F.silu(x)
+
+
+def _silu_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    codes, step, minimum = ctx.saved_tensors
+    shape, dtype = ctx.x_meta
+    gx = torch.ops.aten.silu_backward(grad.to(dtype), dq(codes, step, minimum, shape, dtype))
+    return gx, None, None, None
+
+
+silu_op.register_autograd(_silu_backward, setup_context=_save_input)
+
+
+def _maybe_inplace(x: Tensor, out: Tensor, inplace: bool) -> Tensor:
+    """An in-place activation as the functional op plus a copy into ``x`` (autograd records
+    the copy; the op itself saved only its codes or mask)."""
+    if not inplace:
+        return out
+    return x.copy_(out)
 
 
 def handle_silu(
@@ -93,32 +101,43 @@ def handle_silu(
     b = bind(("input", "inplace"), {"inplace": False}, args, kwargs)
     if b is None or not is_float_tensor(b["input"]) or not b["input"].requires_grad:
         return PASS
-    return _SiluFn.apply(b["input"], bool(b["inplace"]), func, quant)
+    (x,) = autocast_cast("silu", b["input"])
+    qx = quant(x, "input", "channels")
+    out = torch.ops.ev_mesa.silu(x, *parts(qx))
+    return _maybe_inplace(b["input"], out, bool(b["inplace"]))
 
 
 # ---------------------------------------------------------------------------------------------
 # ReLU (1-bit mask)
 
 
-class _ReluFn(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx, x: Tensor, inplace: bool, call: Callable[[Tensor], Tensor]
-    ) -> Tensor:
-        out = call(x)
-        save(ctx, pack_bits(out > 0))
-        c: Any = ctx
-        c.shape = out.shape
-        if inplace:
-            ctx.mark_dirty(x)
-        return out
+@torch.library.custom_op(f"{NAMESPACE}::relu", mutates_args=())
+def relu_op(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(relu(x), mask)``: the bit-packed mask ``relu(x) > 0`` is all backward keeps."""
+    with kernel(x.device.type):
+        out = torch.relu(x)
+    return out, pack_bits(out > 0)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (packed,) = load(ctx)
-        keep = unpack_bits(packed, ctx.shape)
-        return grad.masked_fill(~keep, 0), None, None
+
+@relu_op.register_fake
+def _(x):  # type: ignore[no-untyped-def]
+    with kernel(x.device.type):
+        out = torch.relu(x)
+    return out, x.new_empty((x.numel() + 7) // 8, dtype=torch.uint8)
+
+
+def _relu_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+    ctx.shape = inputs[0].shape
+
+
+def _relu_backward(ctx: Any, grad: Tensor, _mask_grad: Any) -> Tensor:
+    (packed,) = ctx.saved_tensors
+    return grad.masked_fill(~unpack_bits(packed, ctx.shape), 0)
+
+
+relu_op.register_autograd(_relu_backward, setup_context=_relu_setup)
 
 
 def handle_relu(
@@ -128,10 +147,9 @@ def handle_relu(
     b = bind(("input", "inplace"), {"inplace": False}, args, kwargs)
     if b is None or not is_float_tensor(b["input"]) or not b["input"].requires_grad:
         return PASS
-    inplace = bool(b["inplace"])
-    if inplace:
-        return _ReluFn.apply(b["input"], True, lambda t: func(t, inplace=True))
-    return _ReluFn.apply(b["input"], False, lambda t: func(*args, **kwargs))
+    (x,) = autocast_cast("relu", b["input"])
+    out, _ = torch.ops.ev_mesa.relu(x)
+    return _maybe_inplace(b["input"], out, bool(b["inplace"]))
 
 
 KINDS = (

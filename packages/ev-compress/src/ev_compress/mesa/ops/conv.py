@@ -1,4 +1,4 @@
-"""Convolution family: ``F.conv1d/2d/3d`` save their 8-bit input; backward by
+"""Convolution family: ``F.conv1d/2d/3d`` (``ev_mesa::conv``) save their 8-bit input; backward by
 ``aten.convolution_backward`` on the dequantised input."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ev_compress.mesa.ops._common import (
     PASS,
@@ -19,11 +18,9 @@ from ev_compress.mesa.ops._common import (
     bind,
     cast,
     is_float_tensor,
-    load,
-    no_autocast,
-    save,
+    parts,
 )
-from ev_compress.mesa.quant import dequantize
+from ev_compress.mesa.ops._library import NAMESPACE, autocast_dtype, dq, kernel, to_dtype
 
 __all__ = ["KINDS"]
 
@@ -35,61 +32,77 @@ def _expand(value: Any, n: int) -> list[int]:
     return out * n if len(out) == 1 else out
 
 
-class _ConvFn(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        func: Callable[..., Tensor],
-        quant: Quantizer,
-        call: tuple[Any, Any, Any, int],
-        geometry: tuple[list[int], list[int], list[int], int],
-    ) -> Tensor:
-        stride, padding, dilation, groups = call
-        out = func(x, weight, bias, stride, padding, dilation, groups)
-        qx = quant(x, "input", "channels") if weight.requires_grad else None
-        save(ctx, qx, weight)
-        c: Any = ctx
-        b_dtype = bias.dtype if bias is not None else None
-        c.meta = (out.dtype, x.dtype, x.shape, b_dtype, x.device.type)
-        c.geometry = geometry
-        return out
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        qx, weight = load(ctx)
-        cd, x_dtype, x_shape, b_dtype, dev = ctx.meta
-        stride, padding, dilation, groups = ctx.geometry
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        with no_autocast(dev):
-            g = grad.to(cd)
-            x_hat = dequantize(qx, cd) if qx is not None else g.new_empty(1).expand(x_shape)
-            w = weight.to(cd)
-            gx, gw, gb = torch.ops.aten.convolution_backward(
-                g,
-                x_hat,
-                w,
-                [w.shape[0]] if b_dtype is not None else None,
-                stride,
-                padding,
-                dilation,
-                False,
-                [0] * len(stride),
-                groups,
-                mask,
-            )
-        return (
-            cast(gx, x_dtype) if mask[0] else None,
-            cast(gw, weight.dtype) if mask[1] else None,
-            cast(gb, b_dtype) if mask[2] else None,
-            None,
-            None,
-            None,
-            None,
-        )
+
+@torch.library.custom_op(f"{NAMESPACE}::conv", mutates_args=())
+def conv_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    codes: Tensor | None,
+    step: Tensor | None,
+    minimum: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    dtype: torch.dtype | None,
+) -> Tensor:
+    """``F.conv{1,2,3}d`` (explicit padding) with the weight and bias cast to ``dtype``
+    (autocast's cast; ``None``: as they are); backward reads the input from its codes (given
+    when the weight needs a gradient)."""
+    w, b = to_dtype(weight, dtype), to_dtype(bias, dtype)
+    with kernel(x.device.type):
+        return _CONV[weight.dim() - 2](x, w, b, stride, padding, dilation, groups)
+
+
+@conv_op.register_fake
+def _(x, weight, bias, codes, step, minimum, stride, padding, dilation, groups, dtype):  # type: ignore[no-untyped-def]
+    w, b = to_dtype(weight, dtype), to_dtype(bias, dtype)
+    with kernel(x.device.type):
+        return _CONV[weight.dim() - 2](x, w, b, stride, padding, dilation, groups)
+
+
+def _conv_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, bias, codes, step, minimum, stride, padding, dilation, groups, _ = inputs
+    ctx.save_for_backward(codes, step, minimum, weight)
+    ctx.meta = (x.shape, x.dtype, bias.dtype if bias is not None else None)
+    ctx.geometry = (list(stride), list(padding), list(dilation), groups)
+
+
+def _conv_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    codes, step, minimum, weight = ctx.saved_tensors
+    x_shape, x_dtype, b_dtype = ctx.meta
+    stride, padding, dilation, groups = ctx.geometry
+    mask = [bool(n) for n in ctx.needs_input_grad[:3]]
+    g = grad.to(x_dtype)
+    if codes is not None:
+        x_hat = dq(codes, step, minimum, x_shape, x_dtype)
+    else:  # only the input gradient: the kernel reads the input's shape alone
+        x_hat = g.new_zeros(()).expand(x_shape)
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        g,
+        x_hat,
+        weight.to(x_dtype),
+        [weight.shape[0]] if b_dtype is not None else None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0] * len(stride),
+        groups,
+        mask,
+    )
+    return (
+        cast(gx, x_dtype) if mask[0] else None,
+        cast(gw, weight.dtype) if mask[1] else None,
+        cast(gb, b_dtype) if mask[2] else None,
+        *([None] * 8),
+    )
+
+
+conv_op.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 def handle_conv(
@@ -123,9 +136,12 @@ def handle_conv(
             padding = [t // 2 for t in totals]
     else:
         padding = _expand(padding_arg, nd)
-    call = (b["stride"], padding_arg, b["dilation"], b["groups"])
-    geometry = (stride, padding, dilation, int(b["groups"]))
-    return _ConvFn.apply(b["input"], weight, b["bias"], func, quant, call, geometry)
+    dtype = autocast_dtype("conv", weight.device.type)
+    x = to_dtype(b["input"], dtype)
+    qx = quant(x, "input", "channels") if weight.requires_grad else None
+    return torch.ops.ev_mesa.conv(
+        x, weight, b["bias"], *parts(qx), stride, padding, dilation, int(b["groups"]), dtype
+    )
 
 
 KINDS = (

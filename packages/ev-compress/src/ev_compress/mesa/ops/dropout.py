@@ -1,7 +1,7 @@
 """Dropout keeps a 1-bit mask. On the CPU ``F.dropout`` multiplies by a noise tensor of the
 input's dtype (4 bytes per value in fp32) and autograd keeps it; on CUDA it keeps a bool mask
 (1 byte). Mesa draws the same random numbers in the same order (the output is bit-identical),
-packs the mask into bits and rebuilds the gradient exactly."""
+packs the mask into bits and rebuilds the gradient exactly (``ev_mesa::dropout``)."""
 
 from __future__ import annotations
 
@@ -11,48 +11,53 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ev_compress.mesa.ops._common import (
-    PASS,
-    OpKind,
-    Quantizer,
-    bind,
-    is_float_tensor,
-    load,
-    save,
-)
+from ev_compress.mesa.ops._common import PASS, OpKind, Quantizer, bind, is_float_tensor
+from ev_compress.mesa.ops._library import NAMESPACE
 from ev_compress.mesa.quant import pack_bits, unpack_bits
 
 __all__ = ["KINDS"]
 
 
-class _DropoutFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, p: float) -> Tensor:
-        c: Any = ctx
-        if x.device.type == "cuda":  # what F.dropout runs on CUDA: the fused kernel
-            out, mask = torch.native_dropout(x, p, True)
-            c.scale = None
-        else:  # what F.dropout runs elsewhere (ATen's _dropout_impl), step by step
-            noise = torch.empty_like(x).bernoulli_(1.0 - p)
-            noise.div_(1.0 - p)
-            out = x * noise
-            mask = noise != 0
-            c.scale = torch.ones((), dtype=x.dtype, device=x.device).div_(1.0 - p)
-        save(ctx, pack_bits(mask))
-        c.meta = (x.shape, p)
-        return out
+@torch.library.custom_op(
+    f"{NAMESPACE}::dropout", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def dropout_op(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """``(F.dropout(x, p), mask)`` drawing from the global generator exactly as ``F.dropout``;
+    the mask is bit-packed."""
+    if x.device.type == "cuda":  # what F.dropout runs on CUDA: the fused kernel
+        out, mask = torch.native_dropout(x, p, True)
+    else:  # what F.dropout runs elsewhere (ATen's _dropout_impl), step by step
+        noise = torch.empty_like(x).bernoulli_(1.0 - p)
+        noise.div_(1.0 - p)
+        out = x * noise
+        mask = noise != 0
+    return out, pack_bits(mask)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (packed,) = load(ctx)
-        shape, p = ctx.meta
-        keep = unpack_bits(packed, shape)
-        if ctx.scale is None:
-            return torch.ops.aten.native_dropout_backward(grad, keep, 1.0 / (1.0 - p)), None
-        return grad * (keep.to(grad.dtype) * ctx.scale), None
+
+@dropout_op.register_fake
+def _(x, p):  # type: ignore[no-untyped-def]
+    return torch.empty_like(x), x.new_empty((x.numel() + 7) // 8, dtype=torch.uint8)
+
+
+def _dropout_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, p = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+    ctx.meta = (x.shape, p, x.device.type == "cuda")
+
+
+def _dropout_backward(ctx: Any, grad: Tensor, _mask_grad: Any) -> tuple[Tensor | None, ...]:
+    (packed,) = ctx.saved_tensors
+    shape, p, fused = ctx.meta
+    keep = unpack_bits(packed, shape)
+    if fused:
+        return torch.ops.aten.native_dropout_backward(grad, keep, 1.0 / (1.0 - p)), None
+    scale = torch.ones((), dtype=grad.dtype, device=grad.device).div_(1.0 - p)
+    return grad * (keep.to(grad.dtype) * scale), None
+
+
+dropout_op.register_autograd(_dropout_backward, setup_context=_dropout_setup)
 
 
 def handle_dropout(
@@ -75,7 +80,8 @@ def handle_dropout(
         or b["input"].numel() == 0
     ):
         return PASS
-    return _DropoutFn.apply(b["input"], float(b["p"]))
+    out, _ = torch.ops.ev_mesa.dropout(b["input"], float(b["p"]))
+    return out
 
 
 KINDS = (OpKind("dropout", "1-bit mask (F.dropout, nn.Dropout)", {F.dropout: handle_dropout}),)

@@ -1,4 +1,4 @@
-"""Linear family: ``F.linear`` (a Mesa autograd function saving the 8-bit input) and the
+"""Linear family: ``F.linear`` (``ev_mesa::linear``, saving the 8-bit input) and the
 ``addmm``/``baddbmm``/``mm`` products (their saved operands compressed by the saved-tensor
 hooks)."""
 
@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ev_compress.mesa.ops._common import (
     PASS,
@@ -19,49 +18,61 @@ from ev_compress.mesa.ops._common import (
     any_requires_grad,
     bind,
     is_float_tensor,
-    load,
-    no_autocast,
-    save,
+    parts,
 )
-from ev_compress.mesa.quant import dequantize
+from ev_compress.mesa.ops._library import NAMESPACE, autocast_dtype, dq, kernel, to_dtype
 
 __all__ = ["KINDS"]
 
 
-class _LinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        func: Callable[..., Tensor],
-        quant: Quantizer,
-    ) -> Tensor:
-        out = func(x, weight, bias)
-        qx = quant(x, "input", "channels") if weight.requires_grad else None
-        save(ctx, qx, weight)
-        c: Any = ctx
-        c.meta = (out.dtype, x.dtype, bias.dtype if bias is not None else None, x.device.type)
-        return out
+@torch.library.custom_op(f"{NAMESPACE}::linear", mutates_args=())
+def linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    codes: Tensor | None,
+    step: Tensor | None,
+    minimum: Tensor | None,
+    dtype: torch.dtype | None,
+) -> Tensor:
+    """``F.linear(x, weight, bias)`` with the weight and bias cast to ``dtype`` (autocast's cast;
+    ``None``: as they are); backward reads ``x`` from its codes (given when the weight needs a
+    gradient)."""
+    with kernel(x.device.type):
+        return F.linear(x, to_dtype(weight, dtype), to_dtype(bias, dtype))
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        qx, weight = load(ctx)
-        cd, x_dtype, b_dtype, dev = ctx.meta
-        gx = gw = gb = None
-        with no_autocast(dev):
-            g = grad.to(cd)
-            g2 = g.reshape(-1, g.shape[-1])
-            if ctx.needs_input_grad[0]:
-                gx = (g @ weight.to(cd)).to(x_dtype)
-            if ctx.needs_input_grad[1]:
-                x_hat = dequantize(qx, cd)
-                gw = (g2.t() @ x_hat.reshape(-1, x_hat.shape[-1])).to(weight.dtype)
-            if ctx.needs_input_grad[2]:
-                gb = g2.sum(0).to(b_dtype)
-        return gx, gw, gb, None, None
+
+@linear_op.register_fake
+def _(x, weight, bias, codes, step, minimum, dtype):  # type: ignore[no-untyped-def]
+    with kernel(x.device.type):
+        return F.linear(x, to_dtype(weight, dtype), to_dtype(bias, dtype))
+
+
+def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, weight, bias, codes, step, minimum, _ = inputs
+    ctx.save_for_backward(codes, step, minimum, weight)
+    ctx.x_meta = (x.shape, x.dtype)
+    ctx.b_dtype = bias.dtype if bias is not None else None
+
+
+def _linear_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    codes, step, minimum, weight = ctx.saved_tensors
+    x_shape, x_dtype = ctx.x_meta
+    needs = ctx.needs_input_grad
+    gx = gw = gb = None
+    g = grad.to(x_dtype)
+    g2 = g.reshape(-1, g.shape[-1])
+    if needs[0]:
+        gx = (g @ weight.to(x_dtype)).to(x_dtype)
+    if needs[1]:
+        x_hat = dq(codes, step, minimum, x_shape, x_dtype)
+        gw = (g2.t() @ x_hat.reshape(-1, x_hat.shape[-1])).to(weight.dtype)
+    if needs[2]:
+        gb = g2.sum(0).to(ctx.b_dtype)
+    return gx, gw, gb, None, None, None, None
+
+
+linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 def handle_linear(
@@ -76,7 +87,11 @@ def handle_linear(
         or not _any_grad(b)
     ):
         return PASS
-    return _LinearFn.apply(b["input"], b["weight"], b["bias"], func, quant)
+    weight = b["weight"]
+    dtype = autocast_dtype("linear", weight.device.type)
+    x = to_dtype(b["input"], dtype)
+    qx = quant(x, "input", "channels") if weight.requires_grad else None
+    return torch.ops.ev_mesa.linear(x, weight, b["bias"], *parts(qx), dtype)
 
 
 def _any_grad(b: dict[str, Any]) -> bool:

@@ -6,8 +6,14 @@
   would otherwise get few codes, and layer norm's backward multiplies its error by that
   token's large ``rstd``. Backward runs ``aten.native_layer_norm_backward`` on the
   normalised values with mean 0 and rstd 1, then scales the input gradient by ``rstd``.
-* Batch norm saves its 8-bit input (one group per channel group along dimension 1) and the
-  fp32 mean/invstd.
+* Batch norm saves its input *normalised per channel* by the statistics it normalises with (batch
+  statistics in training, the running ones otherwise) in 8 bits (channel groups along dimension
+  1), plus the fp32 ``invstd``. With few values per channel (a 1×1 map at batch 4) the variance
+  is tiny next to the spread of a channel group, and quantising the raw input made backward
+  multiply a group-sized rounding error by ``invstd``: the gradient of a bias before the norm,
+  zero in exact arithmetic, then grew without bound (LITv2's last token merging at 32×32
+  diverged in a few steps). Backward re-centres the dequantised values (they have mean 0
+  exactly in training mode).
 * ``F.rms_norm`` is compressed by the saved-tensor hooks (its input; the per-row statistic
   stays full precision).
 """
@@ -20,7 +26,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ev_compress.mesa.ops._common import (
     PASS,
@@ -30,73 +35,89 @@ from ev_compress.mesa.ops._common import (
     bind,
     cast,
     is_float_tensor,
-    load,
-    no_autocast,
-    save,
 )
-from ev_compress.mesa.quant import dequantize
+from ev_compress.mesa.ops._library import (
+    NAMESPACE,
+    autocast_cast,
+    dq,
+    fake_internal,
+    kernel,
+    quantize_internal,
+)
 
 __all__ = ["KINDS"]
 
 
-class _LayerNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        normalized_shape: tuple[int, ...],
-        eps: float,
-        func: Callable[..., Tensor],
-        quant: Quantizer,
-    ) -> Tensor:
-        dims = tuple(range(-len(normalized_shape), 0))
-        sdt = torch.promote_types(x.dtype, torch.float32)
-        if torch.is_autocast_enabled(x.device.type):
-            out = func(x, normalized_shape, weight, bias, eps)
-            var, mean = torch.var_mean(x.to(sdt), dim=dims, correction=0, keepdim=True)
-            rstd = (var + eps).rsqrt()
-        else:  # same kernel as F.layer_norm, plus the statistics it computes anyway
-            out, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
-            mean, rstd = mean.to(sdt), rstd.to(sdt)
-        xn = (x.to(sdt) - mean).mul_(rstd)
-        qn = quant(xn, "input", "channels")
-        del xn
-        save(ctx, qn, rstd, weight, bias)
-        c: Any = ctx
-        c.meta = (x.dtype, normalized_shape, x.device.type)
-        return out
+@torch.library.custom_op(f"{NAMESPACE}::layer_norm", mutates_args=())
+def layer_norm_op(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    normalized_shape: list[int],
+    eps: float,
+    running_range: Tensor,
+    running_min: Tensor,
+    seed: Tensor,
+    salt: int,
+    qdim: int,
+    groups: int,
+    bits: int,
+    momentum: float,
+    update: bool,
+    stochastic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``F.layer_norm`` and what backward keeps: ``(out, codes, step, minimum, rstd, new_range,
+    new_min)``, the codes of the input normalised per token and its fp32 ``rstd``."""
+    sdt = torch.promote_types(x.dtype, torch.float32)
+    with kernel(x.device.type):  # the kernel F.layer_norm runs, plus its statistics
+        out, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+    mean, rstd = mean.to(sdt), rstd.to(sdt)
+    xn = (x.to(sdt) - mean).mul_(rstd)
+    qargs = (running_range, running_min, seed, salt, qdim, groups, bits, momentum, update)
+    codes, step, minimum, new_range, new_min = quantize_internal(xn, *qargs, stochastic)
+    return out, codes, step, minimum, rstd, new_range, new_min
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        qn, rstd, weight, bias = load(ctx)
-        x_dtype, normalized_shape, dev = ctx.meta
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        sdt = rstd.dtype
-        with no_autocast(dev):
-            gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
-                grad.to(sdt),
-                dequantize(qn, sdt),
-                list(normalized_shape),
-                torch.zeros_like(rstd),
-                torch.ones_like(rstd),
-                cast(weight, sdt),
-                cast(bias, sdt),
-                mask,
-            )
-            if gx is not None:
-                gx = gx.mul_(rstd)
-        return (
-            cast(gx, x_dtype) if mask[0] else None,
-            cast(gw, weight.dtype if weight is not None else None) if mask[1] else None,
-            cast(gb, bias.dtype if bias is not None else None) if mask[2] else None,
-            None,
-            None,
-            None,
-            None,
-        )
+
+@layer_norm_op.register_fake
+def _(x, weight, bias, normalized_shape, eps, *qargs):  # type: ignore[no-untyped-def]
+    sdt = torch.promote_types(x.dtype, torch.float32)
+    with kernel(x.device.type):
+        out, _, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+    codes, step, minimum, new_range, new_min = fake_internal(x, *qargs)
+    return out, codes, step, minimum, rstd.to(sdt), new_range, new_min
+
+
+def _layer_norm_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    x, weight, bias, normalized_shape = inputs[:4]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[1:5], weight, bias)
+    ctx.meta = (x.shape, x.dtype, list(normalized_shape))
+
+
+def _layer_norm_backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+    codes, step, minimum, rstd, weight, bias = ctx.saved_tensors
+    shape, x_dtype, normalized_shape = ctx.meta
+    mask = [bool(n) for n in ctx.needs_input_grad[:3]]
+    sdt = rstd.dtype
+    gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+        grad.to(sdt),
+        dq(codes, step, minimum, shape, sdt),
+        normalized_shape,
+        torch.zeros_like(rstd),
+        torch.ones_like(rstd),
+        cast(weight, sdt),
+        cast(bias, sdt),
+        mask,
+    )
+    return (
+        (gx * rstd).to(x_dtype) if mask[0] else None,
+        gw.to(weight.dtype) if mask[1] else None,
+        gb.to(bias.dtype) if mask[2] else None,
+        *([None] * 12),
+    )
+
+
+layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
 
 
 def handle_layer_norm(
@@ -116,77 +137,123 @@ def handle_layer_norm(
     ):
         return PASS
     shape = b["normalized_shape"]
-    shape = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
-    return _LayerNormFn.apply(
-        b["input"], b["weight"], b["bias"], shape, float(b["eps"]), func, quant
+    shape = [int(shape)] if isinstance(shape, int) else [int(s) for s in shape]
+    x, weight, bias = autocast_cast("layer_norm", b["input"], b["weight"], b["bias"])
+    qa = quant.args(x, "input", "channels")
+    out, codes, step, minimum, _, new_range, new_min = torch.ops.ev_mesa.layer_norm(
+        x, weight, bias, shape, float(b["eps"]), *qa.op_args()
+    )
+    quant.commit(qa, "input", x, codes, step, minimum, new_range, new_min, reuse=False)
+    return out
+
+
+@torch.library.custom_op(f"{NAMESPACE}::batch_norm", mutates_args=())
+def batch_norm_op(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    bn_momentum: float,
+    eps: float,
+    running_range: Tensor,
+    running_min: Tensor,
+    seed: Tensor,
+    salt: int,
+    qdim: int,
+    groups: int,
+    bits: int,
+    momentum: float,
+    update: bool,
+    stochastic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``F.batch_norm`` on copies of the running statistics, and what backward keeps: ``(out,
+    codes, step, minimum, invstd, new_running_mean, new_running_var, new_range, new_min)``, the
+    codes of the input normalised per channel (by the statistics the op normalises with) and
+    the fp32 ``invstd``; the new running statistics are empty without running statistics."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    if training or running_mean is None or running_var is None:
+        var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
+    else:
+        mean, var = running_mean.float(), running_var.float()
+    invstd = (var + eps).rsqrt()
+    rm = running_mean.clone() if running_mean is not None else None
+    rv = running_var.clone() if running_var is not None else None
+    with kernel(x.device.type):
+        out = F.batch_norm(x, rm, rv, weight, bias, training, bn_momentum, eps)
+    view = [1, -1] + [1] * (x.dim() - 2)
+    xn = (x.float() - mean.view(view)).mul_(invstd.view(view))
+    qargs = (running_range, running_min, seed, salt, qdim, groups, bits, momentum, update)
+    codes, step, minimum, new_range, new_min = quantize_internal(xn, *qargs, stochastic)
+    return (
+        out,
+        codes,
+        step,
+        minimum,
+        invstd,
+        x.new_empty(0) if rm is None else rm,
+        x.new_empty(0) if rv is None else rv,
+        new_range,
+        new_min,
     )
 
 
-class _BatchNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        training: bool,
-        momentum: float,
-        eps: float,
-        func: Callable[..., Tensor],
-        quant: Quantizer,
-    ) -> Tensor:
-        dims = [d for d in range(x.dim()) if d != 1]
-        if training or running_mean is None or running_var is None:
-            var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
-            batch_stats = True
-        else:
-            mean, var = running_mean.float().clone(), running_var.float().clone()
-            batch_stats = False
-        invstd = (var + eps).rsqrt()
-        out = func(x, running_mean, running_var, weight, bias, training, momentum, eps)
-        qx = quant(x, "input", "dim1")
-        save(ctx, qx, mean, invstd, weight)
-        c: Any = ctx
-        c.meta = (x.dtype, batch_stats, bias.dtype if bias is not None else None, x.device.type)
-        return out
+@batch_norm_op.register_fake
+def _(x, weight, bias, running_mean, running_var, training, bn_momentum, eps, *qargs):  # type: ignore[no-untyped-def]
+    with kernel(x.device.type):
+        out = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    codes, step, minimum, new_range, new_min = fake_internal(x, *qargs)
+    return (
+        out,
+        codes,
+        step,
+        minimum,
+        x.new_empty(x.shape[1], dtype=torch.float32),
+        x.new_empty(0) if running_mean is None else torch.empty_like(running_mean),
+        x.new_empty(0) if running_var is None else torch.empty_like(running_var),
+        new_range,
+        new_min,
+    )
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        qx, mean, invstd, weight = load(ctx)
-        x_dtype, batch_stats, b_dtype, dev = ctx.meta
-        with no_autocast(dev):
-            g = grad.float()
-            x_hat = dequantize(qx, torch.float32)
-            view = [1, -1] + [1] * (g.dim() - 2)
-            dims = [d for d in range(g.dim()) if d != 1]
-            xn = (x_hat - mean.view(view)) * invstd.view(view)
-            gb = g.sum(dims)
-            gw = (g * xn).sum(dims)
-            gx = None
-            if ctx.needs_input_grad[0]:
-                scale = invstd if weight is None else weight.float() * invstd
-                if batch_stats:
-                    m = g.numel() / g.shape[1]
-                    gx = scale.view(view) * (g - gb.view(view) / m - xn * (gw / m).view(view))
-                else:
-                    gx = g * scale.view(view)
-        return (
-            cast(gx, x_dtype),
-            cast(gw, weight.dtype if weight is not None else None)
-            if ctx.needs_input_grad[1]
-            else None,
-            cast(gb, b_dtype) if ctx.needs_input_grad[2] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+
+def _batch_norm_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    x, weight, bias, running_mean, running_var, training = inputs[:6]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[1:5], weight)
+    batch_stats = bool(training) or running_mean is None or running_var is None
+    ctx.meta = (x.shape, x.dtype, batch_stats, bias.dtype if bias is not None else None)
+
+
+def _batch_norm_backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+    codes, step, minimum, invstd, weight = ctx.saved_tensors
+    shape, x_dtype, batch_stats, b_dtype = ctx.meta
+    needs = ctx.needs_input_grad
+    g = grad.float()
+    view = [1, -1] + [1] * (g.dim() - 2)
+    dims = [d for d in range(g.dim()) if d != 1]
+    xn = dq(codes, step, minimum, shape, torch.float32)
+    if batch_stats:  # exactly centred, as the true normalised input (the rounding error's mean)
+        xn = xn - xn.mean(dims, keepdim=True)
+    gb = g.sum(dims)
+    gw = (g * xn).sum(dims)
+    gx = None
+    if needs[0]:
+        scale = invstd if weight is None else weight.float() * invstd
+        if batch_stats:
+            m = g.numel() / g.shape[1]
+            gx = scale.view(view) * (g - gb.view(view) / m - xn * (gw / m).view(view))
+        else:
+            gx = g * scale.view(view)
+    return (
+        cast(gx, x_dtype),
+        cast(gw, weight.dtype if weight is not None else None) if needs[1] else None,
+        cast(gb, b_dtype) if needs[2] else None,
+        *([None] * 15),
+    )
+
+
+batch_norm_op.register_autograd(_batch_norm_backward, setup_context=_batch_norm_setup)
 
 
 def handle_batch_norm(
@@ -206,18 +273,23 @@ def handle_batch_norm(
         or not any_requires_grad(b["input"], b["weight"], b["bias"])
     ):
         return PASS
-    return _BatchNormFn.apply(
-        b["input"],
-        b["weight"],
-        b["bias"],
-        b["running_mean"],
-        b["running_var"],
-        bool(b["training"]),
-        b["momentum"],
-        float(b["eps"]),
-        func,
-        quant,
-    )
+    x, weight, bias = autocast_cast("batch_norm", b["input"], b["weight"], b["bias"])
+    running_mean, running_var = b["running_mean"], b["running_var"]
+    training = bool(b["training"])
+    momentum = 0.0 if b["momentum"] is None else float(b["momentum"])
+    qa = quant.args(x, "input", "dim1")
+    out, codes, step, minimum, _, new_mean, new_var, new_range, new_min = (
+        torch.ops.ev_mesa.batch_norm(
+            x, weight, bias, running_mean, running_var, training, momentum, float(b["eps"]),
+            *qa.op_args(),
+        )
+    )  # fmt: skip
+    quant.commit(qa, "input", x, codes, step, minimum, new_range, new_min, reuse=False)
+    if training and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return out
 
 
 KINDS = (
@@ -228,7 +300,7 @@ KINDS = (
     ),
     OpKind(
         "batch_norm",
-        "input + fp32 mean/invstd (F.batch_norm, nn.BatchNorm*d)",
+        "input normalised per channel + fp32 invstd (F.batch_norm, nn.BatchNorm*d)",
         {F.batch_norm: handle_batch_norm},
     ),
     OpKind(
