@@ -14,8 +14,11 @@ repeat, so a busy machine slows both sides of a pair alike.
 Rows (batch 8, 224², ``--threads`` intra-op threads, eval + ``no_grad``):
 
 * LITv2-S: official fp32 eager (baseline), ev fp32 eager, ev bf16 autocast (also / ev fp32),
-  ev ``torch.compile`` (inductor, ``fullgraph=True``, batch dimension marked dynamic; checked to
-  run batch 1, 8 and 32 without recompiling).
+  and ev bf16 autocast with the weight-cast cache cleared before every call (what caching the
+  bf16 weights gains, :func:`ev_core.layers.onednn.cast_weight`).
+* LITv2-S compiled with :func:`ev_core.models.compile_model` (inductor, ``fullgraph=True``,
+  freezing, dynamic batch; checked to run batch 32, 1 and 8 after compiling at 8 without
+  recompiling), fp32 and under bf16 autocast, paired against ev's eager fp32 / bf16.
 * LIT-S: official fp32 eager (baseline), ev fp32 eager.
 * DTM 96→192 at 56² (LITv2-S stage 1→2): torchvision ``deform_conv2d`` (fp32; under bf16
   autocast it runs in fp32) vs ev's fast path, fp32 and bf16, and the path ``"auto"`` measures.
@@ -30,6 +33,8 @@ Usage (official checkouts outside the repository)::
     python packages/ev-core/benchmarks/bench_official.py \\
         --litv2 /tmp/LITv2/classification --lit /tmp/LIT/classification/code_for_lit_s_m_b \\
         --threads 2 --batch 8 --repeats 10 --train --profile --out official_cpu.json
+
+``--skip compile bf16-compile lit dtm`` leaves parts out (compiling takes minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import contextlib
 import importlib
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -56,7 +62,8 @@ from torchvision.ops import deform_conv2d
 
 import ev_core  # noqa: F401  (registers the ev models)
 from ev_core.io import write_json
-from ev_core.layers.dtm import DTM_PATH_CACHE, DeformableTokenMerging
+from ev_core.layers.dtm import DTM_PATH_CACHE, DeformableTokenMerging, DeformConv2x2
+from ev_core.layers.onednn import clear_weight_cache
 from ev_core.repro import environment_info
 
 
@@ -92,7 +99,7 @@ class TorchvisionDeformConv2dPack(nn.Module):
 class TorchvisionDeformConv2dPackLIT(TorchvisionDeformConv2dPack):
     """The LIT checkout's variant: ``forward(x, return_offset)`` returns ``(out, offset|None)``."""
 
-    def forward(self, x: Tensor, return_offset: bool = False) -> Any:  # type: ignore[override]
+    def forward(self, x: Tensor, return_offset: bool = False) -> Any:
         offset = self.conv_offset(x)
         return self.deform(x, offset), (offset if return_offset else None)
 
@@ -118,6 +125,13 @@ def load_official(
     return model_cls
 
 
+def _bias(conv: nn.Conv2d) -> Tensor:
+    """``conv.bias``, which the DTM offset convs always have."""
+    if conv.bias is None:
+        raise ValueError("expected a conv with a bias")
+    return conv.bias
+
+
 def build_pair(args: argparse.Namespace, name: str) -> tuple[nn.Module, nn.Module]:
     """(official, ev) models with identical random weights, eval mode."""
     torch.manual_seed(0)
@@ -125,8 +139,8 @@ def build_pair(args: argparse.Namespace, name: str) -> tuple[nn.Module, nn.Modul
     with torch.no_grad():  # trained DTMs have non-zero offsets: exercise the sampling
         for m in ev.modules():
             if isinstance(m, DeformableTokenMerging):
-                m.dconv.conv_offset.weight.normal_(0, 0.02)
-                m.dconv.conv_offset.bias.normal_(0, 0.5)
+                nn.init.normal_(m.dconv.conv_offset.weight, 0, 0.02)
+                nn.init.normal_(_bias(m.dconv.conv_offset), 0, 0.5)
     if name == "litv2_s":
         cls = load_official(Path(args.litv2), "litv2", "LITv2")
         official = cls(depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], alpha=0.9,
@@ -183,31 +197,62 @@ def infer(model: Callable[[Tensor], Tensor], x: Tensor, dtype: torch.dtype | Non
     return run
 
 
-def compiled_litv2(ev: nn.Module, batch: int, size: int) -> tuple[Callable[..., Tensor], dict]:
-    """``torch.compile`` (inductor, fullgraph) with a dynamic batch; whether batch 8, 32 and 1
-    run without recompiling is checked with dynamo's ``error_on_recompile``."""
+def compiled_litv2(
+    ev: nn.Module, batch: int, size: int, dtype: torch.dtype | None
+) -> tuple[Callable[..., Tensor], dict]:
+    """:func:`ev_core.models.compile_model` (inductor, fullgraph, freezing, dynamic batch) under
+    autocast ``dtype`` (``None``: fp32). Batch ``batch`` compiles; then 32, 1 and ``batch``
+    again must run without recompiling (dynamo's ``error_on_recompile``); the compiled logits
+    are compared with eager ones."""
     import torch._dynamo
-    import torch.fx.experimental._config as fx_config
 
-    torch._dynamo.reset()
-    fx_config.backed_size_oblivious = True  # batch 1 must not specialise the dynamic batch dim
-    compiled = torch.compile(ev, backend="inductor", fullgraph=True)
+    from ev_core.models import compile_model
+
+    compiled = compile_model(ev, "inference")
     x = torch.randn(batch, 3, size, size)
-    torch._dynamo.mark_dynamic(x, 0)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        compiled(x)
+    with autocast(dtype):
+        out = compiled(x)
     info: dict[str, Any] = {"compile_s": time.perf_counter() - t0, "recompiles": {}}
-    for b in (8, 32, 1):  # batch 1 last: the one size a 0/1-specialising guard could split off
+    with torch.no_grad(), autocast(dtype):
+        ref = ev(x)
+    info["max_abs_diff_vs_eager"] = (out.float() - ref.float()).abs().max().item()
+    for b in (32, 1, batch):  # 1: the size a 0/1-specialising guard would split off
         try:
-            with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+            with torch._dynamo.config.patch(error_on_recompile=True), autocast(dtype):
                 compiled(torch.randn(b, 3, size, size))
             info["recompiles"][b] = ""
         except Exception as exc:  # recorded in the results
             info["recompiles"][b] = str(exc).splitlines()[0][:300]
-            with torch.no_grad():
+            with autocast(dtype):
                 compiled(torch.randn(b, 3, size, size))  # let it recompile; later calls are fine
     return compiled, info
+
+
+def compile_rows(args: argparse.Namespace, ev: nn.Module, x: Tensor) -> dict[str, Any]:
+    """Compiled fp32 and bf16-autocast LITv2-S against ev's eager fp32 and bf16, paired."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    out: dict[str, Any] = {}
+    fns: dict[str, Callable[[], Any]] = {"ev fp32 eager": infer(ev, x)}
+    comp32, out["fp32"] = compiled_litv2(ev, args.batch, args.size, None)
+    print(f"compile fp32: {out['fp32']}", flush=True)
+    fns["ev fp32 compiled"] = infer(comp32, x)
+    fns["ev bf16 autocast eager"] = infer(ev, x, torch.bfloat16)
+    if "bf16-compile" not in args.skip:
+        comp16, out["bf16"] = compiled_litv2(ev, args.batch, args.size, torch.bfloat16)
+        print(f"compile bf16: {out['bf16']}", flush=True)
+        fns["ev bf16 autocast compiled"] = infer(comp16, x, torch.bfloat16)
+    rows = paired(fns, "ev fp32 eager", args.repeats, args.warmup)
+    if "ev bf16 autocast compiled" in rows:
+        t32 = [
+            rows["ev fp32 compiled"]["median_ms"],
+            rows["ev bf16 autocast compiled"]["median_ms"],
+        ]
+        out["bf16_compiled_vs_fp32_compiled"] = t32[0] / t32[1]
+    out["rows"] = rows
+    return out
 
 
 def profile_table(fn: Callable[[], Any], rows: int = 20) -> str:
@@ -226,8 +271,8 @@ def dtm_rows(args: argparse.Namespace) -> dict[str, Any]:
     dtm = DeformableTokenMerging(C, 2 * C).eval()
     conv = dtm.dconv
     with torch.no_grad():
-        conv.conv_offset.weight.normal_(0, 0.02)
-        conv.conv_offset.bias.normal_(0, 0.5)
+        nn.init.normal_(conv.conv_offset.weight, 0, 0.02)
+        nn.init.normal_(_bias(conv.conv_offset), 0, 0.5)
     x = torch.randn(B, H, H, C)
     with torch.no_grad():
         offset = conv.conv_offset(x.permute(0, 3, 1, 2))
@@ -236,7 +281,7 @@ def dtm_rows(args: argparse.Namespace) -> dict[str, Any]:
     convb.load_state_dict(conv.state_dict())
     convb.bfloat16()
 
-    def run(c: nn.Module, path: str, xx: Tensor, oo: Tensor, amp: bool = False) -> Any:
+    def run(c: DeformConv2x2, path: str, xx: Tensor, oo: Tensor, amp: bool = False) -> Any:
         def f() -> Tensor:
             with torch.no_grad(), autocast(torch.bfloat16 if amp else None):
                 return c.run_path(path, xx, oo)
@@ -340,7 +385,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--skip", nargs="*", default=[], choices=["compile", "lit", "dtm"])
+    p.add_argument(
+        "--skip", nargs="*", default=[], choices=["compile", "bf16-compile", "lit", "dtm"]
+    )
     p.add_argument("--profile", action="store_true", help="torch.profiler tables of LITv2-S")
     p.add_argument("--train", action="store_true", help="training step in fresh processes")
     p.add_argument("--train-steps", type=int, default=3)
@@ -352,7 +399,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"metadata": environment_info(), "args": vars(args)}
-    results["metadata"]["load_average"] = list(__import__("os").getloadavg())
+    results["metadata"]["load_average"] = list(os.getloadavg())
 
     official, ev = build_pair(args, "litv2_s")
     x = torch.randn(args.batch, 3, args.size, args.size)
@@ -360,10 +407,17 @@ def main() -> None:
         eq = (official(x[:2]) - ev(x[:2])).abs().max().item()
     results["litv2_s_max_abs_diff"] = eq
     print(f"LITv2-S official vs ev, max |diff| of logits: {eq:.2e}", flush=True)
+    bf16 = infer(ev, x, torch.bfloat16)
+
+    def bf16_uncached() -> Any:  # every weight cast again, as autocast itself does
+        clear_weight_cache()
+        return bf16()
+
     fns: dict[str, Callable[[], Any]] = {
         "official fp32 eager": infer(official, x),
         "ev fp32 eager": infer(ev, x),
-        "ev bf16 autocast": infer(ev, x, torch.bfloat16),
+        "ev bf16 autocast": bf16,
+        "ev bf16 autocast, weight casts not cached": bf16_uncached,
     }
     rows = paired(fns, "official fp32 eager", args.repeats, args.warmup)
     base = rows["ev fp32 eager"]["median_ms"]
@@ -396,16 +450,17 @@ def main() -> None:
         print("auto path:", results["dtm"]["auto_choice"], flush=True)
     write_json(Path(args.out), results)
     if "compile" not in args.skip:
-        compiled, info = compiled_litv2(ev, args.batch, args.size)
-        results["compile"] = info
-        print(f"compile: {info}", flush=True)
-        comp = {"ev fp32 eager": infer(ev, x), "ev fp32 torch.compile": infer(compiled, x)}
-        results["litv2_s_compile"] = paired(comp, "ev fp32 eager", args.repeats, args.warmup)
-        print(fmt_group("LITv2-S compiled vs eager", results["litv2_s_compile"]), flush=True)
+        results["litv2_s_compile"] = compile_rows(args, ev, x)
+        print(fmt_group("LITv2-S compiled (inductor, freezing) vs ev fp32 eager",
+                        results["litv2_s_compile"]["rows"]), flush=True)  # fmt: skip
+        ratio = results["litv2_s_compile"].get("bf16_compiled_vs_fp32_compiled")
+        if ratio is not None:
+            print(f"ev bf16 compiled / ev fp32 compiled: {ratio:.2f}x", flush=True)
         write_json(Path(args.out), results)
     if args.train:
         results["train"] = train_rows(args)
         print("training step:", json.dumps(results["train"], indent=1), flush=True)
+    results["metadata"]["load_average_end"] = list(os.getloadavg())
     if not math.isfinite(results["litv2_s_max_abs_diff"]):
         sys.exit("error: non-finite outputs")
     print(f"wrote {write_json(Path(args.out), results)}")

@@ -529,3 +529,85 @@ class TestSpatialReductionAttention(BaseTester):
             SpatialReductionAttention(8, 2, sr_ratio=4)(torch.randn(1, 6, 8), (2, 3))
         with pytest.raises(ValueError, match="does not match the map size"):
             SpatialReductionAttention(8, 2)(torch.randn(1, 10, 8), (3, 3))
+
+
+# ----------------------------------------------------------------------------- oneDNN inference
+class TestOneDNNInferencePath:
+    """The CPU inference path (gradients off) of HiLo, fp32 and bf16 autocast, against the
+    module path, and the cached bf16 weight casts following parameter updates."""
+
+    @staticmethod
+    def _hilo(alpha: float = 0.5, ws: int = 2) -> nn.Module:
+        from ev_core.layers.hilo import HiLo
+
+        torch.manual_seed(3)
+        return _randomize(HiLo(32, 4, qkv_bias=True, window_size=ws, alpha=alpha)).eval()
+
+    @pytest.mark.parametrize(("alpha", "ws"), [(0.5, 2), (0.75, 2), (0.0, 2), (1.0, 2), (0.5, 1)])
+    def test_hilo_fused_equals_modules(self, alpha: float, ws: int) -> None:
+        from ev_core.layers.onednn import use_onednn
+
+        mod = self._hilo(alpha, ws)
+        x = torch.randn(2, 6 * 7, 32)
+        ref = mod(x, (6, 7))  # gradients on: the nn.Linear modules
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref16 = mod(x, (6, 7))
+        with torch.no_grad():
+            assert use_onednn(x) == torch.backends.mkldnn.is_available()
+            assert_close(mod(x, (6, 7)), ref)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out16 = mod(x, (6, 7))
+        assert out16.dtype == ref16.dtype == torch.bfloat16
+        # the same bf16 roundings as autocast's module path (GEMM accumulation order aside)
+        assert_close(out16.float(), ref16.float(), **BF16_TOL)
+        rel = (out16.float() - ref).norm() / ref.norm()
+        assert rel < 1e-2, rel
+
+    def test_cached_casts_follow_updates(self) -> None:
+        """The cached bf16 weights are rebuilt after an in-place update, a ``load_state_dict``
+        and a ``param.data =`` swap (version counter / storage change)."""
+        from ev_core.layers.onednn import cast_weight, clear_weight_cache
+
+        mod = self._hilo()
+        x = torch.randn(1, 16, 32)
+        twin = self._hilo()
+
+        def check() -> None:
+            twin.load_state_dict(mod.state_dict())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ref16 = twin(x, (4, 4))  # module path: autocast casts afresh
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                assert_close(mod(x, (4, 4)).float(), ref16.float(), **BF16_TOL)
+
+        check()
+        with torch.no_grad():
+            mod.l_q.weight.mul_(-2.0)  # in place: bumps the version counter
+            mod.h_qkv.bias.add_(1.0)
+        check()
+        mod.load_state_dict(self._hilo().state_dict() | {"l_kv.bias": torch.ones(32)})
+        check()
+        mod.h_qkv.weight.data = torch.randn_like(mod.h_qkv.weight)  # new storage
+        check()
+        w = mod.l_q.weight
+        a = cast_weight(w, torch.bfloat16)
+        assert a is not None and a.dtype == torch.bfloat16 and not a.requires_grad
+        assert a is cast_weight(w, torch.bfloat16)  # cached
+        assert cast_weight(w, torch.float32) is w and cast_weight(None, w.dtype) is None
+        clear_weight_cache()
+        assert a is not cast_weight(w, torch.bfloat16)
+
+    def test_hilo_default_backend_runs_tiny_hifi_windows_by_maths(self) -> None:
+        """With the default backend, Hi-Fi windows of <= 16 tokens use explicit maths on the CPU
+        (same numbers as SDPA); a named backend is used as given."""
+        from ev_core.layers.hilo import HiLo
+
+        assert HiLo(32, 4, window_size=2).hifi_math and HiLo(32, 4, window_size=4).hifi_math
+        assert not HiLo(32, 4, window_size=5).hifi_math
+        assert not HiLo(32, 4, window_size=2, backend="sdpa").hifi_math
+        default = self._hilo()
+        sdpa = self._hilo()
+        sdpa.backend, sdpa.hifi_math = "sdpa", False
+        x = torch.randn(2, 6 * 8, 32)
+        assert_close(default(x, (6, 8)), sdpa(x, (6, 8)))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert_close(default(x, (6, 8)).float(), sdpa(x, (6, 8)).float(), **BF16_TOL)

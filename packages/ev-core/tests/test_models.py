@@ -235,17 +235,6 @@ def test_compile_fullgraph_forward_backward(name: str) -> None:
     assert model.head.weight.grad is not None
 
 
-@pytest.mark.slow
-def test_compile_inductor() -> None:
-    torch._dynamo.reset()
-    cfg = {**TINY["litv2_s"], "depths": [1, 1, 1, 1]}
-    model = timm.create_model("litv2_s", **cfg).eval()
-    compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert_close(compiled(x), model(x))
-
-
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_config_is_the_single_source_and_backend_reaches_attention(name: str) -> None:
     """``create_model(name)`` builds the registered dataclass config; overrides land in

@@ -8,8 +8,8 @@ zero-initialised ``Conv2d(C, 8, k=2, s=2)``, so a fresh DTM is exactly patch mer
 
 Two interchangeable paths compute the deformable convolution, and ``path="auto"`` (the model
 default) runs whichever is the fastest *correct* one for the device and compute dtype, measured
-once per process on the first eager call (:func:`measured_dtm_path`; traced, scripted and
-compiled code take the cached choice, else ``"fast"``):
+once per process on the first eager call (:func:`measured_dtm_path`; traced and scripted
+code take the cached choice, else ``"fast"``; ``torch.compile`` always compiles ``"fast"``):
 
 * ``"torchvision"`` -- the reference, :func:`torchvision.ops.deform_conv2d` (fp32/fp64/fp16; no
   bf16 CPU kernel; its autocast wrapper casts everything to fp32).
@@ -29,8 +29,6 @@ with offset ``(Δy_k, Δx_k)`` (offset channels ``[Δy₀, Δx₀, Δy₁, Δx�
 zero. Odd sizes are floored like ``deform_conv2d(k=2, s=2, p=0)``: ``Ho = ⌊H/2⌋``, ``Wo = ⌊W/2⌋``.
 """
 
-from __future__ import annotations
-
 import math
 import time
 from typing import Any, Literal
@@ -41,6 +39,8 @@ from timm.layers import register_notrace_module
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torchvision.ops import deform_conv2d
+
+from ev_core.layers.onednn import plain_modules
 
 __all__ = [
     "DTM_PATH_CACHE",
@@ -81,13 +81,15 @@ def _corners(
     dev = offset.device
     # Coordinates in at least fp32: bf16 cannot even represent integer pixel positions > 256.
     pdt = torch.promote_types(offset.dtype, torch.float32)
-    off = offset.to(pdt).reshape(B, Ho, Wo, 4, 2)
+    off = offset.to(pdt)
     tap_i = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=pdt, device=dev)
     tap_j = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=pdt, device=dev)
     base_y = torch.arange(Ho, dtype=pdt, device=dev).mul(2).view(Ho, 1, 1) + tap_i
     base_x = torch.arange(Wo, dtype=pdt, device=dev).mul(2).view(1, Wo, 1) + tap_j
-    py = base_y + off[..., 0]  # [B, Ho, Wo, 4]
-    px = base_x + off[..., 1]
+    # strided slices, not a reshape to [..., 4, 2] + select: under torch.compile with a dynamic
+    # batch, inductor's view of that select guards on the batch size being > 1
+    py = base_y + off[..., 0::2]  # [B, Ho, Wo, 4]
+    px = base_x + off[..., 1::2]
     y0 = torch.floor(py)
     x0 = torch.floor(px)
     ly = py - y0
@@ -278,7 +280,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 @torch.jit.unused
-def measured_dtm_path(conv: DeformConv2x2, x: Tensor, offset: Tensor, repeats: int = 3) -> str:
+def measured_dtm_path(conv: "DeformConv2x2", x: Tensor, offset: Tensor, repeats: int = 3) -> str:
     """The fastest correct path of ``conv`` for ``x``'s device and compute dtype.
 
     Measured on the first eager call for a ``(device, dtype, C_in, C_out)`` key (best of
@@ -382,6 +384,27 @@ class DeformConv2x2(nn.Module):
         )  # fmt: skip
         return out.permute(0, 2, 3, 1)
 
+    @torch.jit.unused
+    def _compile_fast(self) -> bool:
+        return (
+            torch.compiler.is_compiling()
+            and self.path != "torchvision"
+            and plain_modules(self.conv_offset)
+        )
+
+    def _offset_nhwc(self, x: Tensor) -> Tensor:
+        """``conv_offset`` as a GEMM over the 2×2 patches: ``[B, H, W, C]`` → ``[B, Ho, Wo, 8]``.
+
+        Used under ``torch.compile``: equal to the strided conv (to float rounding), but with
+        no ``aten.convolution`` on a channels-last input in the graph, whose memory-format
+        check would add a guard ``batch >= 2`` to a dynamic-batch graph.
+        """
+        B, C = x.shape[0], x.shape[3]
+        Ho, Wo = x.shape[1] // 2, x.shape[2] // 2
+        patches = x[:, : 2 * Ho, : 2 * Wo].reshape(B, Ho, 2, Wo, 2, C).transpose(2, 3)
+        patches = patches.reshape(B, Ho, Wo, 4 * C)  # column (2i + j)·C + c: tap-major
+        return F.linear(patches, _tap_major(self.conv_offset.weight), self.conv_offset.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         """Args:
             x: ``[B, H, W, C]`` channels-last map.
@@ -389,6 +412,11 @@ class DeformConv2x2(nn.Module):
         Returns:
             ``[B, ⌊H/2⌋, ⌊W/2⌋, C_out]``.
         """
+        if not torch.jit.is_scripting() and self._compile_fast():
+            # "auto" compiles the fast path (pure PyTorch ops that inductor fuses); reading the
+            # measurement cache here would make every later measurement a recompile
+            off = self._offset_nhwc(x)
+            return deform_merge_2x2_nhwc(x, off, self.weight, self.bias, self.recompute)
         offset = self.conv_offset(x.permute(0, 3, 1, 2))  # a channels-last view, no copy
         path = self.path
         if torch.jit.is_scripting():

@@ -7,8 +7,6 @@
   deformable token merging is their only token mixing).
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable
 
 import torch
@@ -16,6 +14,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, register_notrace_module
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from ev_core.layers.onednn import plain_modules
 
 __all__ = ["LITBlock", "PatchEmbed"]
 
@@ -73,10 +73,32 @@ class PatchEmbed(nn.Module):
             if not self.pad:
                 raise ValueError(f"image size {H}x{W} is not divisible by the patch size {p}")
             x = F.pad(x, [0, (-W) % p, 0, (-H) % p])
+        if not torch.jit.is_scripting() and self._compile_gemm():
+            x, (h, w) = self._proj_gemm(x)
+            return self.norm(x), (h, w)
         x = self.proj(x)
         B, C, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         x = x.permute(0, 2, 3, 1).reshape(B, h * w, C)  # free for channels-last inputs
         return self.norm(x), (h, w)
+
+    @torch.jit.unused
+    def _compile_gemm(self) -> bool:
+        return torch.compiler.is_compiling() and plain_modules(self.proj)
+
+    def _proj_gemm(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """``proj`` as one GEMM over the ``p×p`` patches (equal to the strided conv to float
+        rounding), used under ``torch.compile``: the graph then holds no ``aten.convolution``,
+        whose fake-tensor memory-format rule guards on ``batch >= 2`` (batch 1 would
+        recompile a dynamic-batch graph).
+
+        ``[B, C_in, H, W]`` (sides divisible by ``p``) → ``([B, h·w, C], (h, w))``.
+        """
+        B, c, H, W = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        p = self.patch_size
+        h, w = H // p, W // p
+        patches = x.reshape(B, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, -1)
+        weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1)  # [C, c·p·p]
+        return F.linear(patches, weight, self.proj.bias), (h, w)
 
 
 class LITBlock(nn.Module):

@@ -16,7 +16,9 @@ The ``h`` heads are split: ``h_lo = int(h·alpha)`` Lo-Fi heads and ``h_hi = h �
   their zeros enter the Lo-Fi average pool; outputs are cropped back.
 
 Both branches attend through :func:`ev_core.layers.attention.attention` with the backend
-settled at construction (``backend=``; SDPA by default).
+settled at construction (``backend=``; SDPA by default), except that with the default
+(``"auto"``) backend the Hi-Fi windows of at most 16 tokens attend by explicit maths on the CPU
+(measured faster than SDPA's flash kernel for such tiny problems).
 """
 
 import torch
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
-from ev_core.layers.attention import attention, settle_backend
+from ev_core.layers.attention import attention, resolve_backend, settle_backend
 from ev_core.layers.onednn import fusable, linear_act
 
 __all__ = ["HiLo", "hilo_macs"]
@@ -130,6 +132,10 @@ class HiLo(nn.Module):
         self.alpha = alpha
         self.scale: float = qk_scale if qk_scale else self.head_dim**-0.5
         self.backend: str = settle_backend(backend)
+        # default backend: the Hi-Fi windows (s² <= 16 tokens) attend by explicit maths on the
+        # CPU, where SDPA's flash kernel is slower for such tiny problems (3x in bf16 for 2x2
+        # windows; BENCHMARKS.md, issue 16)
+        self.hifi_math: bool = resolve_backend(backend) == "auto" and window_size**2 <= 16
         # absent branches are None (not in the state dict; TorchScript prunes their code)
         self.l_q: nn.Linear | None = None
         self.l_kv: nn.Linear | None = None
@@ -161,7 +167,8 @@ class HiLo(nn.Module):
         )  # per-token projection first: 3·D_hi channels are permuted, not C
         qkv = qkv.reshape(B, gh, s, gw, s, 3, h, d).permute(5, 0, 1, 3, 6, 2, 4, 7)
         qkv = qkv.reshape(3, B * gh * gw, h, s * s, d)
-        out = attention(qkv[0], qkv[1], qkv[2], None, self.scale, 0.0, self.backend)
+        backend = "math" if self.hifi_math and x.device.type == "cpu" else self.backend
+        out = attention(qkv[0], qkv[1], qkv[2], None, self.scale, 0.0, backend)
         out = out.reshape(B, gh, gw, h, s, s, d).permute(0, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, H, W, self.h_dim)
         return (
@@ -188,8 +195,11 @@ class HiLo(nn.Module):
             if fused
             else self.l_kv(pooled)  # type: ignore[misc]
         )
-        kv = kv.reshape(B, -1, 2, h, d).permute(2, 0, 3, 1, 4)
-        out = attention(q, kv[0], kv[1], None, self.scale, 0.0, self.backend)
+        # k and v as slices (not a reshape to [..., 2, h, d] + select: with a dynamic batch,
+        # inductor's view of that select guards on batch > 1 and batch 1 would recompile)
+        kv = kv.reshape(B, -1, 2 * h, d)
+        k, v = kv[:, :, :h].transpose(1, 2), kv[:, :, h:].transpose(1, 2)
+        out = attention(q, k, v, None, self.scale, 0.0, self.backend)
         out = out.transpose(1, 2).reshape(B, H, W, self.l_dim)
         return (
             linear_act(out, self.l_proj.weight, self.l_proj.bias)  # type: ignore[union-attr]
@@ -219,6 +229,8 @@ class HiLo(nn.Module):
         if padded:
             x = F.pad(x, [0, 0, 0, pad_r, 0, pad_b])
         fused = False if torch.jit.is_scripting() else self._fusable(x)
+        # (one GEMM for h_qkv + l_q, which read the same x, measured 0.91-0.97x: slicing its
+        # output for the two branches cost more than the saved pass; BENCHMARKS.md)
         if self.h_qkv is None:
             out = self._lofi(x, fused)
         elif self.l_q is None:

@@ -12,14 +12,35 @@ the plain ops; inductor fuses by itself) nor under a ``TorchDispatchMode`` such 
 counter (:mod:`ev_core.flops`). Under CPU autocast the inputs are cast to the autocast
 dtype first, as autocast would. Everything else takes ``F.linear`` / ``F.conv2d`` + ``F.gelu``.
 Results equal the plain ops to float rounding (different accumulation order).
+
+Weights in another dtype than the computation (fp32 parameters under bf16 autocast) are cast
+once and cached (:func:`cast_weight`) while the parameters are unchanged: the cache is keyed on
+each parameter's storage and version counter, so optimizer steps, ``load_state_dict``, in-place
+edits and ``param.data = ...`` all invalidate it (an in-place edit through ``param.data``
+bypasses the version counter: call :func:`clear_weight_cache` after one). Autocast itself
+re-casts every weight on every forward (BENCHMARKS.md, issue 16: what the cache gains).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["conv2d_act", "fusable", "linear_act", "use_onednn"]
+__all__ = [
+    "cast_weight",
+    "clear_weight_cache",
+    "compiled_conv_onednn",
+    "conv2d_act",
+    "conv2d_act_traced",
+    "fusable",
+    "linear_act",
+    "plain_modules",
+    "use_onednn",
+]
+
+# parameter -> {dtype: ((data_ptr, version) when cast, the cast tensor)}
+_CASTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 _ONEDNN = (
     torch.backends.mkldnn.is_available()
@@ -43,11 +64,15 @@ def use_onednn(x: Tensor) -> bool:
 @torch.jit.unused
 def fusable(x: Tensor, *modules: nn.Module) -> bool:
     """Whether a layer may run ``modules`` through the fused path for input ``x``: the fused path
-    applies (:func:`use_onednn`) and every module is a plain ``nn.Linear`` / ``nn.Conv2d`` /
-    exact ``nn.GELU`` without hooks (a replaced or hooked module, e.g. by ev-compress, is called
-    as a module instead)."""
-    if not use_onednn(x):
-        return False
+    applies (:func:`use_onednn`) and the modules are plain (:func:`plain_modules`)."""
+    return use_onednn(x) and plain_modules(*modules)
+
+
+@torch.jit.unused
+def plain_modules(*modules: nn.Module) -> bool:
+    """Whether every module is a plain ``nn.Linear`` / ``nn.Conv2d`` / exact ``nn.GELU`` without
+    hooks, so that a layer may use its weights directly instead of calling it (a replaced or
+    hooked module, e.g. by ev-compress, is called as a module)."""
     for m in modules:
         if (
             type(m) not in (nn.Linear, nn.Conv2d, nn.GELU)
@@ -60,11 +85,43 @@ def fusable(x: Tensor, *modules: nn.Module) -> bool:
     return True
 
 
+@torch.jit.unused
+def cast_weight(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t.to(dtype)``, cached while ``t`` is unchanged (inference-time weights: detached).
+
+    The cache entry lives as long as ``t`` and is rebuilt when ``t``'s storage or version
+    counter changes (see the module docstring).
+
+    Args:
+        t: a parameter (or ``None``, e.g. an absent bias).
+        dtype: the compute dtype.
+
+    Returns:
+        ``t`` itself if already ``dtype``, else the cached cast; ``None`` for ``None``.
+    """
+    if t is None or t.dtype == dtype:
+        return t
+    state = (t.data_ptr(), t._version)
+    slot = _CASTS.get(t)
+    if slot is None:
+        slot = _CASTS[t] = {}
+    hit = slot.get(dtype)
+    if hit is not None and hit[0] == state:
+        return hit[1]
+    with torch.no_grad():
+        out = t.detach().to(dtype)
+    slot[dtype] = (state, out)
+    return out
+
+
+def clear_weight_cache() -> None:
+    """Drop every cached weight cast (:func:`cast_weight`)."""
+    _CASTS.clear()
+
+
 def _autocast_cast(x: Tensor, *ts: Tensor | None) -> tuple[Tensor, list[Tensor | None]]:
-    if torch.is_autocast_enabled("cpu"):
-        dt = torch.get_autocast_dtype("cpu")
-        return x.to(dt), [None if t is None else t.to(dt) for t in ts]
-    return x, [None if t is None else t.to(x.dtype) for t in ts]
+    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return x.to(dt), [cast_weight(t, dt) for t in ts]
 
 
 def _check_act(act: str) -> None:
@@ -88,6 +145,42 @@ def _conv2d_onednn(
     alg = "none" if act == "gelu" else ""
     pad, one = [padding, padding], [1, 1]
     return torch.ops.mkldnn._convolution_pointwise(x, w, b, pad, one, one, groups, act, [], alg)
+
+
+@torch.jit.unused
+def compiled_conv_onednn(x: Tensor) -> bool:
+    """Whether, under ``torch.compile``, a conv on ``x`` should call oneDNN's fused op
+    (:func:`conv2d_act_traced`): CPU, float32/bfloat16 compute, oneDNN available, gradients
+    off (the op has no autograd kernel: a backward through it would be silently wrong)."""
+    if not _ONEDNN or torch.is_grad_enabled():
+        return False
+    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    return x.device.type == "cpu" and dt in (torch.float32, torch.bfloat16)
+
+
+def conv2d_act_traced(
+    x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, groups: int, act: str = "none"
+) -> Tensor:
+    """:func:`conv2d_act` through oneDNN's fused op for ``torch.compile`` graphs (CPU,
+    inference only: the op has no autograd kernel; see :func:`compiled_conv_onednn`).
+
+    Unlike ``aten.convolution``, whose fake-tensor rule picks the output memory format from the
+    input's strides and so guards on ``batch >= 2`` (batch 1 would recompile a dynamic-batch
+    graph), the oneDNN op's rule always returns channels-last. Inductor lowers it to the same
+    oneDNN primitive (weights pre-packed under freezing). Under CPU autocast the operands are
+    cast to the autocast dtype, as autocast would (the op has no autocast rule); the weight cast
+    is folded into a constant under freezing.
+
+    Args/Returns: as :func:`conv2d_act` (``x`` on the CPU, float32/bfloat16 compute).
+    """
+    _check_act(act)
+    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    b = None if bias is None else bias.to(dt)
+    alg = "none" if act == "gelu" else ""
+    pad, one = [padding, padding], [1, 1]
+    return torch.ops.mkldnn._convolution_pointwise(
+        x.to(dt), weight.to(dt), b, pad, one, one, groups, act, [], alg
+    )
 
 
 def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none") -> Tensor:
