@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -12,7 +13,14 @@ from torch import Tensor
 from ev_points.data.scene import IGNORE_INDEX, PointDataError, PointScene
 from ev_points.ops import knn_points
 
-__all__ = ["pseudo_labels", "sample_weak_labels", "weak_label_mask"]
+__all__ = [
+    "align_distribution",
+    "class_balance_weights",
+    "label_prior",
+    "pseudo_labels",
+    "sample_weak_labels",
+    "weak_label_mask",
+]
 
 
 def weak_label_mask(
@@ -94,3 +102,48 @@ def pseudo_labels(
             agree = guess[b][nbr] == seed_label
             out[b, nbr[agree]] = seed_label[agree]
     return torch.where(labels >= 0, labels, out)
+
+
+def label_prior(labels: Sequence[np.ndarray], num_classes: int, smoothing: float = 1.0) -> Tensor:
+    """Class frequencies ``[C]`` of the labelled points (``-1`` ignored), Laplace-smoothed.
+
+    Under the ratio protocol the labelled points are a uniform random sample of the scenes'
+    points, so this is an unbiased estimate of the class frequencies; under N-per-class
+    labelling it is uniform.
+    """
+    kept = [np.asarray(x).reshape(-1) for x in labels]
+    flat = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+    flat = flat[flat >= 0].astype(np.int64)
+    if len(flat) and flat.max() >= num_classes:
+        raise PointDataError(f"label {int(flat.max())} >= num_classes={num_classes}")
+    counts = np.bincount(flat, minlength=num_classes).astype(np.float64) + smoothing
+    return torch.from_numpy(counts / counts.sum()).float()
+
+
+def align_distribution(probs: Tensor, prior: Tensor, reference: Tensor | None = None) -> Tensor:
+    """Distribution alignment (ReMixMatch): scale ``probs [..., C]`` by ``prior / reference``
+    and renormalise, so that the teacher's average prediction is pulled towards ``prior [C]``
+    instead of drifting towards the large, easy classes.
+
+    Args:
+        probs: teacher probabilities, classes last.
+        prior: the target class distribution (e.g. :func:`label_prior`).
+        reference: the teacher's average prediction ``[C]``, e.g. a running mean over recent
+            batches; None: the mean of ``probs`` over all its points.
+    """
+    if reference is None:
+        reference = probs.reshape(-1, probs.shape[-1]).mean(0)
+    out = probs * (prior.to(probs) / reference.to(probs).clamp_min(1e-6))
+    return out / out.sum(-1, keepdim=True)
+
+
+def class_balance_weights(pseudo: Tensor, prior: Tensor) -> Tensor:
+    """Per-class weights ``[C]`` for the cross-entropy on the pseudo-labels ``pseudo [N]``
+    (no ``-1``): ``prior_c / share_c``, where ``share_c`` is class c's share of ``pseudo``,
+    so each class weighs in proportion to its estimated frequency rather than to how often the
+    teacher is confident about it (0 for classes absent from ``pseudo``)."""
+    counts = torch.bincount(pseudo, minlength=prior.numel()).to(prior.dtype)
+    share = counts / counts.sum().clamp_min(1)
+    return torch.where(
+        counts > 0, prior.to(share) / share.clamp_min(1e-12), torch.zeros_like(share)
+    )
