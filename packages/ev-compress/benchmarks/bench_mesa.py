@@ -22,6 +22,9 @@ baseline / Mesa saved activations (the activation-only bound; the CPU figure, RS
 under ``torch.compile(model, fullgraph=True)`` (inductor unless ``--compile-backend``), compiled
 Mesa compared with the compiled baseline; the compile time (the first calls: a converted model
 is traced twice, the first call creating its running estimates) is stored as ``compile_s``.
+``--torch-path`` (CPU) adds a third row per group: Mesa with its fused CPU kernels switched off
+(``EV_MESA_FUSED=0``: the vectorised torch quantisation). The warm-up calls also compile the fused
+kernels; the JSON notes say whether they ran (``mesa_cpu_kernels``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +43,7 @@ from torch import nn
 
 import ev_core  # noqa: F401  (registers the ev models, litv2_s)
 from ev_compress import mesa
+from ev_compress.mesa import _fused
 from ev_core.benchmark import BenchmarkSuite
 from ev_core.progress import progress
 
@@ -93,6 +98,20 @@ def _compiled_step(
     return compiled, step, time.perf_counter() - start
 
 
+_FUSED_ENV = os.environ.get("EV_MESA_FUSED")
+
+
+def _use_fused(on: bool) -> None:
+    """Mesa's CPU kernels as the environment says (``on``) or forced to the torch path."""
+    if not on:
+        os.environ["EV_MESA_FUSED"] = "0"
+    elif _FUSED_ENV is None:
+        os.environ.pop("EV_MESA_FUSED", None)
+    else:
+        os.environ["EV_MESA_FUSED"] = _FUSED_ENV
+    _fused.status.cache_clear()
+
+
 def _saved_bytes(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> int:
     ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
     with ctx, mesa.SavedTensorMeter(model.parameters(), activations_only=True) as meter:
@@ -145,6 +164,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also time both models under torch.compile(fullgraph=True), in a second group",
     )
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument(
+        "--torch-path",
+        action="store_true",
+        help="CPU: also time Mesa on its vectorised torch path (EV_MESA_FUSED=0), the "
+        "quantisation before the fused kernels",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batch_sizes, args.img_size, args.min_run_time = (
@@ -169,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             "threads": torch.get_num_threads(),
             "img_size": args.img_size,
             "compile_backend": args.compile_backend if args.compile else None,
+            "mesa_cpu_kernels": _fused.status() or "fused (inductor)",
             "policy": mesa.MesaPolicy().to_dict(),
             "peak_memory": "cuda max_memory_allocated above the step's start"
             if device.type == "cuda"
@@ -183,9 +209,14 @@ def main(argv: list[str] | None = None) -> None:
         for compiled in modes:
             group = f"{name} bs{bs} {amp_name}" + (" compiled" if compiled else "")
             rows = {}
-            for variant in ("baseline", "mesa"):
+            variants = ["baseline", "mesa"]
+            if args.torch_path and device.type == "cpu" and not compiled:
+                variants.append("mesa, torch path")
+            for variant in variants:
+                torch_path = variant == "mesa, torch path"
+                _use_fused(not torch_path)
                 model = _make(name, args.img_size).to(device)
-                if variant == "mesa":
+                if variant != "baseline":
                     mesa.convert(model)
                 grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
                 extra: dict[str, Any] = {}
@@ -213,11 +244,13 @@ def main(argv: list[str] | None = None) -> None:
                     )
                 except torch.OutOfMemoryError as exc:
                     suite.add_failure(variant, group, f"out of memory: {exc}".splitlines()[0])
+                _use_fused(True)
                 del model
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             _ratios(rows.get("baseline"), rows.get("mesa"))
+            _ratios(rows.get("baseline"), rows.get("mesa, torch path"))
     suite.print_table()
     print(
         "\n| group | step time ratio | activations MiB (base → Mesa) | ratio | "

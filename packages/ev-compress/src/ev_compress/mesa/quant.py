@@ -7,7 +7,7 @@ dimension), and every group gets an affine 8-bit code::
     q    = clamp(floor((x − β) / step + u), 0, levels),  u ~ U(0, 1)   (stochastic rounding)
 
 (on the torch path ``u`` takes the 256 values ``(k + ½)/256`` of one random byte, so rounding
-is unbiased to within 1/512 of a step; the Triton kernel draws a float ``u``)
+is unbiased to within 1/512 of a step; the Triton and fused CPU kernels draw a float ``u``)
     x̂    = q · step + β                     # β: running minimum estimate of the group
 
 ``levels = 2**bits − 1`` (255 for 8 bits). Stochastic rounding makes ``x̂`` an unbiased estimate
@@ -32,7 +32,10 @@ Layouts (which dimension is grouped):
 * ``"dim1"``: dimension 1 (batch-norm channels, any rank ≥ 2).
 
 On CUDA with Triton available the quantise/dequantise element passes run as fused Triton
-kernels (:mod:`ev_compress.mesa._triton`); elsewhere they are vectorised torch.
+kernels (:mod:`ev_compress.mesa._triton`); on the CPU, calls seeded by a tensor (what a converted
+model makes) run as one-pass kernels compiled by inductor (:mod:`ev_compress.mesa._fused`, with
+their own counter-based noise) when a C++ compiler is available; elsewhere they are vectorised
+torch.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from ev_compress.mesa import _fused
 
 __all__ = [
     "GroupLayout",
@@ -171,6 +176,9 @@ def _batch_range(xg: Tensor) -> tuple[Tensor, Tensor]:
 
         mn, mx = _triton.group_minmax(xg.contiguous())
         return mx - mn, mn
+    if _fused_ok(xg):
+        mn, mx = _fused.group_minmax(xg)
+        return mx - mn, mn
     if xg.shape[1] <= 16:
         pairs = [torch.aminmax(xg[:, g]) for g in range(xg.shape[1])]
         mn = torch.stack([p[0] for p in pairs]).float()
@@ -251,6 +259,12 @@ def update_running_range(
     first_min = torch.where(ok, batch_min, torch.zeros_like(batch_min))
     running_range.copy_(torch.where(fresh, first_range, torch.where(ok, new_range, rng)))
     running_min.copy_(torch.where(fresh, first_min, torch.where(ok, new_min, mn)))
+
+
+def _fused_ok(x: Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether the inductor-fused CPU kernels handle ``x`` (computing in ``dtype``, default
+    ``x.dtype``), see :mod:`ev_compress.mesa._fused`."""
+    return _fused.supports_dtype(dtype or x.dtype) and _fused.usable(x)
 
 
 def _triton_ok(x: Tensor) -> bool:
@@ -334,6 +348,8 @@ def quantize(
                 0, 2**31 - 1, (), dtype=torch.int64, device=x.device, generator=generator
             )
         data = _triton.quantize(xg.contiguous(), inv, off, levels, stochastic, seed)
+    elif _fused_ok(x) and (seed is not None or not stochastic):
+        data = _fused.quantize(xg, inv, off, levels, seed if stochastic else None)
     else:  # (x − β)/step + u as one multiply-add, then clamp and truncate to uint8
         v = torch.addcmul(off[None, :, None], xg, inv[None, :, None])
         if stochastic:  # u = (byte + ½)/256: stochastic rounding at 1/256 resolution
@@ -354,6 +370,8 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> Tensor:
         from ev_compress.mesa import _triton
 
         return _triton.dequantize(q.data, q.step, q.minimum, out_dtype).reshape(q.shape)
+    if _fused_ok(q.data, out_dtype):
+        return _fused.dequantize(q.data, q.step, q.minimum, out_dtype).reshape(q.shape)
     x = q.data.to(torch.float32).mul_(q.step[None, :, None]).add_(q.minimum[None, :, None])
     return x.to(out_dtype).reshape(q.shape)
 

@@ -132,11 +132,10 @@ def _quantize_into(
     update: bool,
     stochastic: bool,
 ) -> QTensor:
-    generator = seed_t = None
+    seed_t = None
     if stochastic:
         if x.device.type == "cpu":  # the same seed as mix_seed, without tensor ops
-            generator = torch.Generator()
-            generator.manual_seed(mix_seed_int(int(seed), salt))
+            seed_t = torch.tensor(mix_seed_int(int(seed), salt), dtype=torch.int64)
         else:  # stays on the device (CUDA kernels read it there)
             seed_t = mix_seed(seed.to(x.device), salt)
     return quantize(
@@ -148,7 +147,6 @@ def _quantize_into(
         momentum=momentum,
         bits=bits,
         stochastic=stochastic,
-        generator=generator,
         seed=seed_t,
     )
 
