@@ -54,7 +54,15 @@ def test_resume_equals_uninterrupted(tmp_path: Path, method: str) -> None:
     assert resumed.evaluations == full.evaluations
 
 
-def test_mcl_beats_source_only_on_digits_shift(tmp_path: Path) -> None:
+def test_mcl_adapts_on_digits_shift(tmp_path: Path) -> None:
+    """MCL trains to well above chance on the target domain and stays level with source-only.
+
+    Not "MCL beats source-only": over 5 seeds it does not at this toy scale (BENCHMARKS.md:
+    EMA test accuracy 49.1 ± 6.6 vs 51.9 ± 3.7 at 3 shots). Seed 0 gave MCL +5 points on one
+    machine (AMD) and +2.3 on another (Intel with AMX: 51.6 vs 49.3; oneDNN's kernels differ, so
+    the trajectories do), so a gain is not asserted. A broken MCL term (wrong sign, pseudo-labels
+    from the wrong view, a collapsed assignment) drops the accuracy far below source-only.
+    """
     data = digits_shift(seed=0, shots=3)
     acc = {}
     for method in ("source_only", "mcl"):
@@ -65,7 +73,8 @@ def test_mcl_beats_source_only_on_digits_shift(tmp_path: Path) -> None:
         acc[method] = train_adaptation(data, build_model(MODEL), config, None, MODEL).final[
             "ema_test_acc"
         ]
-    assert acc["mcl"] > acc["source_only"] + 5.0, acc
+    assert acc["mcl"] > 40.0, acc  # chance: 10 %
+    assert acc["mcl"] > acc["source_only"] - 5.0, acc
 
 
 def test_model_shapes_and_errors() -> None:
