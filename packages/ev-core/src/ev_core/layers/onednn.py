@@ -21,6 +21,8 @@ bypasses the version counter: call :func:`clear_weight_cache` after one). Autoca
 re-casts every weight on every forward (BENCHMARKS.md, issue 16: what the cache gains).
 """
 
+import typing
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -119,8 +121,13 @@ def clear_weight_cache() -> None:
     _CASTS.clear()
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a CPU op on ``x`` computes in now: autocast's, else ``x``'s."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
 def _autocast_cast(x: Tensor, *ts: Tensor | None) -> tuple[Tensor, list[Tensor | None]]:
-    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    dt = _compute_dtype(x)
     return x.to(dt), [cast_weight(t, dt) for t in ts]
 
 
@@ -142,6 +149,13 @@ def _conv2d_onednn(
     x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, groups: int, act: str
 ) -> Tensor:
     x, (w, b) = _autocast_cast(x, weight, bias)
+    return _conv_pointwise(x, typing.cast(Tensor, w), b, padding, groups, act)
+
+
+def _conv_pointwise(
+    x: Tensor, w: Tensor, b: Tensor | None, padding: int, groups: int, act: str
+) -> Tensor:
+    """oneDNN's fused conv (stride 1, dilation 1) + ``act`` epilogue; operands already cast."""
     alg = "none" if act == "gelu" else ""
     pad, one = [padding, padding], [1, 1]
     return torch.ops.mkldnn._convolution_pointwise(x, w, b, pad, one, one, groups, act, [], alg)
@@ -154,8 +168,7 @@ def compiled_conv_onednn(x: Tensor) -> bool:
     off (the op has no autograd kernel: a backward through it would be silently wrong)."""
     if not _ONEDNN or torch.is_grad_enabled():
         return False
-    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    return x.device.type == "cpu" and dt in (torch.float32, torch.bfloat16)
+    return x.device.type == "cpu" and _compute_dtype(x) in (torch.float32, torch.bfloat16)
 
 
 def conv2d_act_traced(
@@ -174,13 +187,9 @@ def conv2d_act_traced(
     Args/Returns: as :func:`conv2d_act` (``x`` on the CPU, float32/bfloat16 compute).
     """
     _check_act(act)
-    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    dt = _compute_dtype(x)
     b = None if bias is None else bias.to(dt)
-    alg = "none" if act == "gelu" else ""
-    pad, one = [padding, padding], [1, 1]
-    return torch.ops.mkldnn._convolution_pointwise(
-        x.to(dt), weight.to(dt), b, pad, one, one, groups, act, [], alg
-    )
+    return _conv_pointwise(x.to(dt), weight.to(dt), b, padding, groups, act)
 
 
 def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: str = "none") -> Tensor:
