@@ -29,6 +29,8 @@ inside a ``torch.compile`` trace take the torch path.
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 import os
 import types
 from collections.abc import Callable
@@ -127,13 +129,12 @@ def _compiled(name: str, signature: tuple[Any, ...]) -> Callable[..., Any]:
     (``dynamic=True`` covers every size), never dynamo's per-code-object recompile limit,
     and no guard chain to walk on each call."""
     fn = _KERNELS[name]
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_SIGNATURES)}")
-    _SIGNATURES.append((name, signature))
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_COPIES)}")
     clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
     return torch.compile(clone, dynamic=True, fullgraph=True)
 
 
-_SIGNATURES: list[tuple[str, tuple[Any, ...]]] = []
+_COPIES = itertools.count()  # numbers the code-object copies (their names in profiles and logs)
 
 
 def _call(name: str, *args: Any) -> Any:
@@ -208,7 +209,7 @@ def quantize(xg: Tensor, inv: Tensor, off: Tensor, levels: float, seed: Tensor |
     lv = torch.tensor(levels, dtype=torch.float32)
     seed64 = None if seed is None else seed.to(torch.int64).cpu()
     pre = xg.shape[0]
-    per_row = max(1, xg[0].numel()) if pre else 1
+    per_row = max(1, math.prod(xg.shape[1:]))
     rows = pre if xg.dtype == torch.float32 else max(1, _CHUNK // per_row)
     if rows >= pre:
         return _quantize_rows(xg.float(), inv, off, lv, seed64, 0)
