@@ -129,7 +129,7 @@ def test_gradient_accumulation_and_checkpointing() -> None:
     conv2 = mesa.convert(tiny_vit(), mesa.MesaPolicy(momentum=0.5))
     conv2.set_grad_checkpointing(True)
     conv2(x[:4]).sum().backward()
-    key = "blocks.0.mlp.fc1.mesa_linear0_input"
+    key = "blocks.0.mlp.act.mesa_gelu0_input"
     rng_after_one = mesa.running_estimates(conv2)[key][0].clone()
     conv3 = mesa.convert(tiny_vit(), mesa.MesaPolicy(momentum=0.5))
     conv3(x[:4])

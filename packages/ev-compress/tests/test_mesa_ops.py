@@ -154,6 +154,75 @@ def test_gradcheck_activations(fn: Callable[[Tensor], Tensor]) -> None:
     _gradcheck(fn, grid((2, 3, 16), "channels", 5))
 
 
+@pytest.mark.parametrize("act", ["gelu:none", "gelu:tanh", "silu"])
+def test_linear_after_an_activation_rebuilds_its_input_from_the_activation_codes(
+    act: str,
+) -> None:
+    """``linear(gelu(x))``: the linear layer saves no codes of its own; backward applies the
+    activation to the GELU's input codes. On grid inputs (exact codes) the gradients are exact,
+    which they would not be if the activation were not applied."""
+    fn = F.silu if act == "silu" else lambda x: F.gelu(x, approximate=act[5:])
+    w, b = torch.randn(5, 16, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    _gradcheck(lambda x, w, b: F.linear(fn(x), w, b), grid((2, 3, 16), "channels", 8), w, b)
+    module = mesa.convert(Call(lambda x, w: F.linear(fn(x), w)), EXACT)
+    module(grid((2, 3, 16), "channels", 8).requires_grad_(), w.requires_grad_())
+    slots = {s.kind: s for s in mesa.summary(module).slots}
+    assert slots["linear"].rebuilt == act and slots["linear"].quantised_bytes == 0
+    assert slots[act.split(":")[0]].quantised_bytes > 0
+    assert "mesa_linear0_input" not in mesa.running_estimates(module)
+
+
+def test_linear_after_layer_norm_rebuilds_its_input_from_the_norm_codes() -> None:
+    """``linear(layer_norm(x))``: the linear layer's input is rebuilt in backward as the norm's
+    normalised codes times its weight plus its bias (exact gradients on inputs whose normalised
+    values are on the grid), also when autocast casts the float32 norm output to bf16."""
+    ln = lambda x, w, b, W: F.linear(F.layer_norm(x, (16,), w, b, 1e-6), W)  # noqa: E731
+    x = normalised_grid(6, 3).reshape(2, 3, 16)
+    w, b, W = torch.randn(16).double(), torch.randn(16).double(), torch.randn(5, 16).double()
+    _gradcheck(ln, x, w, b, W)
+    module = mesa.convert(Call(ln), EXACT)
+    module(x, w.requires_grad_(), b.requires_grad_(), W.requires_grad_())
+    slots = {s.kind: s for s in mesa.summary(module).slots}
+    assert slots["linear"].rebuilt == "layer_norm" and slots["linear"].quantised_bytes == 0
+    grads = []
+    for m in (Call(ln), mesa.convert(Call(ln), EXACT)):
+        params = [t.float().detach().requires_grad_() for t in (w, b, W)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x.float(), *params)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        grads.append([p.grad for p in params])
+    for got, ref in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=1e-2 * float(ref.abs().max()))
+
+
+def test_layer_norm_rebuild_with_other_groupings_and_without_affine() -> None:
+    """The rebuilt layer-norm output when the codes are not grouped along the normalised
+    dimension (a 4-D ``[B, H, W, C]`` input: grouped along dimension 1) and without affine
+    parameters: exact gradients on per-row grid inputs."""
+    x = normalised_grid(8, 4).reshape(2, 2, 2, 16)
+    W = torch.randn(5, 16).double()
+    _gradcheck(lambda x, W: F.linear(F.layer_norm(x, (16,), eps=1e-6), W), x, W)
+    w, b = torch.randn(16).double(), torch.randn(16).double()
+    _gradcheck(lambda x, w, b, W: F.linear(F.layer_norm(x, (16,), w, b, 1e-6), W), x, w, b, W)
+
+
+def test_an_activation_output_changed_in_place_is_quantised_not_rebuilt() -> None:
+    """``gelu(x).mul_(2)`` before the linear layer: the codes of ``x`` no longer describe the
+    linear's input (its version moved), so the linear quantises the input itself."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    module = mesa.convert(Call(lambda x, w: F.linear(F.gelu(x).mul_(2), w)), EXACT)
+    module(x.requires_grad_(), w).square().sum().backward()
+    slots = {s.kind: s for s in mesa.summary(module).slots}
+    assert slots["linear"].rebuilt == "" and slots["linear"].quantised_bytes > 0
+    w_ref = w.detach().clone().requires_grad_()
+    F.linear(F.gelu(x.detach()) * 2, w_ref).square().sum().backward()
+    rel = float((w.grad - w_ref.grad).norm() / w_ref.grad.norm())
+    assert rel < 0.01, rel  # 8-bit codes of 2·gelu(x), not gelu(x̂) (off by a factor of 2)
+
+
 def test_gradcheck_matmul() -> None:
     _gradcheck(
         lambda a, b: a @ b.transpose(-2, -1),

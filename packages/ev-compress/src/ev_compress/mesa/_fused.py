@@ -10,19 +10,25 @@ torch code and compiled by ``torch.compile`` (inductor's C++/OpenMP backend) int
 * ``quantize``: one pass reading ``x`` and writing the uint8 codes
   ``clamp(x·inv + off + u, 0, levels)``, the stochastic-rounding noise ``u`` computed in registers
   from the element's index and the call's seed (a counter-based hash, below);
-* ``dequantize``: one pass, ``code·step + β`` in the requested dtype.
+* ``dequantize``: one pass, ``code·step + β`` in the requested dtype (``dequantize_affine``:
+  with a per-channel affine map folded in, a layer norm's output rebuilt from its codes;
+  ``dequantize_gelu`` and ``gelu_backward``: GELU's output and backward read from its input's
+  codes without writing the dequantised tensor).
 
-**Noise.** ``u = (h₂₄ + ½) / 2²⁴`` where ``h₂₄`` are the top 24 bits of the splitmix64 finaliser
-of ``index XOR seed`` (64-bit wrap-around arithmetic, logical shifts; the seed is itself a hash of
-the model's step counter and the call, :func:`~ev_compress.mesa.quant.mix_seed`). It is a function of the
-seed and the element's position only: the same on any number of threads, in eager and compiled
-models alike, and no generator state is kept. The resolution is 2⁻²⁴ (the torch path's is 2⁻⁸).
+**Noise.** ``u = (h₂₄ + ½) / 2²⁴`` where ``h₂₄`` are the top 24 bits of the lowbias32 hash of
+``index XOR seed`` (32-bit wrap-around arithmetic, logical shifts; the seed folds to 32 bits a hash
+of the model's step counter and the call, :func:`~ev_compress.mesa.quant.mix_seed`). It is a
+function of the seed and the element's position only: the same on any number of threads, in eager
+and compiled models alike, and no generator state is kept. The resolution is 2⁻²⁴ (the torch
+path's is 2⁻⁸).
 
 The kernels are compiled with ``dynamic=True`` (one kernel per dtype and rounding mode for every
-shape) on first use and cached on disk by inductor. They need a working C++ compiler:
+shape) and ``cpp.dynamic_threads`` (OpenMP's thread count read at run time, so that
+``torch.set_num_threads`` applies, and inductor's on-disk cache cannot hand a kernel built for
+another thread count to this process) on first use, and cached on disk by inductor. They need a working C++ compiler:
 :func:`status` compiles and checks them once on tiny inputs and says why they cannot run
 otherwise; the torch path is used then. ``EV_MESA_FUSED=0`` disables them. Tensors smaller than
-:data:`MIN_NUMEL` elements, float64 tensors, calls with an explicit ``torch.Generator`` and calls
+:data:`MIN_NUMEL` or more than :data:`MAX_NUMEL` elements, float64 tensors, calls with an explicit ``torch.Generator`` and calls
 inside a ``torch.compile`` trace take the torch path.
 """
 
@@ -30,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import os
 import types
 from collections.abc import Callable
@@ -41,12 +46,17 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = [
+    "MAX_NUMEL",
     "MIN_NUMEL",
     "available",
     "dequantize",
+    "dequantize_affine",
+    "dequantize_gelu",
+    "gelu_backward",
     "group_minmax",
     "noise",
     "quantize",
+    "seed32",
     "status",
     "supports_dtype",
     "usable",
@@ -61,28 +71,38 @@ MIN_NUMEL = 1 << 19
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# splitmix64 constants as signed 64-bit integers (what int64 tensor arithmetic wraps to)
-_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_M2 = 0x94D049BB133111EB - (1 << 64)
+#: Largest tensor (elements) the kernels take: the noise is indexed with 32-bit integers.
+MAX_NUMEL = (1 << 31) - 1
+
+# lowbias32 multipliers (C. Wellons' hash-prospector) as signed 32-bit integers
+_M1 = 0x21F0AAAD
+_M2 = 0x735A2D97
 
 
 def _shr(z: Tensor, s: int) -> Tensor:
-    """Logical right shift of int64 ``z`` by ``s`` (torch's ``>>`` is arithmetic)."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
+    """Logical right shift of int32 ``z`` by ``s`` (torch's ``>>`` is arithmetic)."""
+    return (z >> s) & ((1 << (32 - s)) - 1)
+
+
+def seed32(seed: int) -> int:
+    """The 32-bit seed of the noise: the two halves of a 64-bit seed XOR-ed, as a signed int32."""
+    v = ((seed >> 32) ^ seed) & 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
 
 
 def noise(index: Tensor, seed: Tensor) -> Tensor:
-    """Uniform noise in ``(0, 1)`` (float32, shape of ``index``) of int64 element indices and an
-    int64 scalar seed: the splitmix64 finaliser of ``index XOR seed``, top 24 bits, centred.
+    """Uniform noise in ``(0, 1)`` (float32, shape of ``index``) of int32 element indices and an
+    int32 scalar seed: the lowbias32 hash of ``index XOR seed``, top 24 bits, centred.
 
-    (Not ``index·φ + seed`` as in splitmix64 itself: inductor folds a multiple of the loop index
-    into its scalar index arithmetic, where a wrapping signed multiply is undefined behaviour
-    in C++, and the compiled kernel disagreed with eager torch.)"""
+    32-bit lanes: twice as many per vector register as the 64-bit splitmix64 finaliser used
+    before, and the noise was most of the kernel's time (BENCHMARKS.md). The index is XOR-ed,
+    not multiplied: inductor folds a multiple of the loop index into its scalar index arithmetic,
+    where a wrapping signed multiply is undefined behaviour in C++."""
     z = index ^ seed
-    z = (z ^ _shr(z, 30)) * _M1
-    z = (z ^ _shr(z, 27)) * _M2
-    z = z ^ _shr(z, 31)
-    return (_shr(z, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    z = (z ^ _shr(z, 16)) * _M1
+    z = (z ^ _shr(z, 15)) * _M2
+    z = z ^ _shr(z, 15)
+    return (_shr(z, 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
 def _minmax_kernel(xg: Tensor) -> tuple[Tensor, Tensor]:
@@ -90,9 +110,9 @@ def _minmax_kernel(xg: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _quant_stochastic_kernel(
-    xg: Tensor, inv: Tensor, off: Tensor, levels: Tensor, seed: Tensor, base: Tensor
+    xg: Tensor, inv: Tensor, off: Tensor, levels: Tensor, seed: Tensor
 ) -> Tensor:
-    index = torch.arange(xg.numel(), dtype=torch.int64, device=xg.device).view(xg.shape) + base
+    index = torch.arange(xg.numel(), dtype=torch.int32, device=xg.device).view(xg.shape)
     v = xg.float() * inv[None, :, None] + off[None, :, None] + noise(index, seed)
     return torch.minimum(v.clamp_min(0.0), levels).to(torch.uint8)
 
@@ -106,11 +126,34 @@ def _dequant_kernel(data: Tensor, step: Tensor, minimum: Tensor, dtype: torch.dt
     return (data.float() * step[None, :, None] + minimum[None, :, None]).to(dtype)
 
 
+def _dequant_affine_kernel(
+    data: Tensor, scale: Tensor, offset: Tensor, dtype: torch.dtype
+) -> Tensor:
+    return (data.float() * scale[None] + offset[None]).to(dtype)
+
+
+def _dequant_gelu_kernel(
+    data: Tensor, step: Tensor, minimum: Tensor, dtype: torch.dtype, approximate: str
+) -> Tensor:
+    x = data.float() * step[None, :, None] + minimum[None, :, None]  # float32, not rounded
+    return torch.nn.functional.gelu(x, approximate=approximate).to(dtype)
+
+
+def _gelu_backward_kernel(
+    grad: Tensor, data: Tensor, step: Tensor, minimum: Tensor, approximate: str
+) -> Tensor:
+    x = data.float() * step[None, :, None] + minimum[None, :, None]
+    return torch.ops.aten.gelu_backward(grad.float(), x, approximate=approximate).to(grad.dtype)
+
+
 _KERNELS: dict[str, Callable[..., Any]] = {
     "minmax": _minmax_kernel,
     "stochastic": _quant_stochastic_kernel,
     "nearest": _quant_nearest_kernel,
     "dequant": _dequant_kernel,
+    "dequant_affine": _dequant_affine_kernel,
+    "dequant_gelu": _dequant_gelu_kernel,
+    "gelu_backward": _gelu_backward_kernel,
 }
 
 
@@ -131,7 +174,7 @@ def _compiled(name: str, signature: tuple[Any, ...]) -> Callable[..., Any]:
     fn = _KERNELS[name]
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_COPIES)}")
     clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
-    return torch.compile(clone, dynamic=True, fullgraph=True)
+    return torch.compile(clone, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
 
 
 _COPIES = itertools.count()  # numbers the code-object copies (their names in profiles and logs)
@@ -156,9 +199,9 @@ def status() -> str | None:
         inv = torch.tensor([40.0, 60.0])
         off = torch.tensor([120.0, 100.0])
         levels = torch.tensor(255.0)
-        seed = torch.tensor(12345, dtype=torch.int64)
-        index = torch.arange(xg.numel()).view(xg.shape)
-        codes = _call("stochastic", xg, inv, off, levels, seed, torch.tensor(0))
+        seed = torch.tensor(12345, dtype=torch.int32)
+        index = torch.arange(xg.numel(), dtype=torch.int32).view(xg.shape)
+        codes = _call("stochastic", xg, inv, off, levels, seed)
         ref = (xg * inv[None, :, None] + off[None, :, None] + noise(index, seed)).clamp(0, 255)
         ok = (codes.float() - ref.floor()).abs().max() <= 1  # FMA may move a code by one
         mn, mx = _call("minmax", xg)
@@ -180,7 +223,7 @@ def usable(x: Tensor) -> bool:
     """Whether a quantise/dequantise call on ``x`` takes the fused path."""
     return (
         x.device.type == "cpu"
-        and x.numel() >= MIN_NUMEL
+        and MIN_NUMEL <= x.numel() <= MAX_NUMEL
         and not torch.compiler.is_compiling()
         and type(x) is Tensor
         and _get_current_dispatch_mode() is None
@@ -193,44 +236,43 @@ def group_minmax(xg: Tensor) -> tuple[Tensor, Tensor]:
     return _call("minmax", xg)
 
 
-#: Elements per chunk when a 2-byte input is converted to float32 before quantising.
-_CHUNK = 1 << 20
-
-
 def quantize(xg: Tensor, inv: Tensor, off: Tensor, levels: float, seed: Tensor | None) -> Tensor:
     """uint8 codes ``[pre, G, rest]`` of ``xg``: ``clamp(x·inv + off + u, 0, levels)`` with the
-    hash noise of ``seed`` (int64 scalar tensor), or ``u = ½`` (round to nearest) for ``None``.
-
-    A bf16/fp16 input is converted to float32 in chunks of rows (about :data:`_CHUNK` elements)
-    that the float32 kernel then quantises, the noise indexed by the element's position in the
-    whole tensor: inductor vectorises a 2-byte input 32 lanes wide, where the 64-bit hash ran
-    3.5× slower, and converting the whole tensor at once allocated a float32 copy as large as
-    the activation (page faults on every call)."""
+    hash noise of ``seed`` (int64 scalar tensor, folded by :func:`seed32`), or ``u = ½`` (round to
+    nearest) for ``None``.
+    A bf16/fp16 input is read as it is (converted to float32 in registers)."""
     lv = torch.tensor(levels, dtype=torch.float32)
-    seed64 = None if seed is None else seed.to(torch.int64).cpu()
-    pre = xg.shape[0]
-    per_row = max(1, math.prod(xg.shape[1:]))
-    rows = pre if xg.dtype == torch.float32 else max(1, _CHUNK // per_row)
-    if rows >= pre:
-        return _quantize_rows(xg.float(), inv, off, lv, seed64, 0)
-    out = torch.empty(xg.shape, dtype=torch.uint8)
-    for start in range(0, pre, rows):
-        chunk = xg[start : start + rows].float()
-        out[start : start + rows] = _quantize_rows(chunk, inv, off, lv, seed64, start * per_row)
-    return out
-
-
-def _quantize_rows(
-    xg: Tensor, inv: Tensor, off: Tensor, lv: Tensor, seed: Tensor | None, base: int
-) -> Tensor:
     if seed is None:
         return _call("nearest", xg, inv, off, lv)
-    return _call("stochastic", xg, inv, off, lv, seed, torch.tensor(base, dtype=torch.int64))
+    return _call("stochastic", xg, inv, off, lv, torch.tensor(seed32(int(seed)), dtype=torch.int32))
 
 
 def dequantize(data: Tensor, step: Tensor, minimum: Tensor, dtype: torch.dtype) -> Tensor:
     """``code · step + β`` of uint8 ``[pre, G, rest]`` codes, in ``dtype``."""
     return _call("dequant", data, step, minimum, dtype)
+
+
+def dequantize_affine(data: Tensor, scale: Tensor, offset: Tensor, dtype: torch.dtype) -> Tensor:
+    """``code · scale + offset`` of uint8 ``[pre, G, rest]`` codes with float32 ``[G, rest]``
+    scale and offset (a dequantisation with an affine map folded in), in ``dtype``."""
+    return _call("dequant_affine", data, scale, offset, dtype)
+
+
+def dequantize_gelu(
+    data: Tensor, step: Tensor, minimum: Tensor, dtype: torch.dtype, approximate: str
+) -> Tensor:
+    """``gelu(x̂)`` of uint8 ``[pre, G, rest]`` codes, ``x̂ = code · step + β``, in ``dtype``:
+    one pass, computed in float32 (``x̂`` is not rounded to ``dtype`` first, as dequantising
+    and then applying GELU would)."""
+    return _call("dequant_gelu", data, step, minimum, dtype, approximate)
+
+
+def gelu_backward(
+    grad: Tensor, data: Tensor, step: Tensor, minimum: Tensor, approximate: str
+) -> Tensor:
+    """``aten.gelu_backward(grad, x̂)`` with ``x̂`` dequantised from uint8 codes of ``grad``'s
+    ``[pre, G, rest]`` shape: one pass in float32, the result in ``grad``'s dtype."""
+    return _call("gelu_backward", grad, data, step, minimum, approximate)
 
 
 def supports_dtype(dtype: torch.dtype) -> bool:

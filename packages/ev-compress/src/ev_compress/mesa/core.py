@@ -59,7 +59,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from ev_compress.mesa.ops import FUNCTION_KIND, HANDLERS, HOOKED, PASS
-from ev_compress.mesa.ops._library import QArgs
+from ev_compress.mesa.ops._library import Derivation, QArgs
 from ev_compress.mesa.ops._library import q as quantize_call
 from ev_compress.mesa.policy import MesaPolicy, ModulePolicy, OpSettings
 from ev_compress.mesa.quant import GroupLayout, Layout, QTensor, dequantize, make_layout
@@ -204,6 +204,19 @@ class _Quantizer:
         if reuse:
             ctx.remember(like, gl, self.settings.bits, qt)
         return qt
+
+    def derive(self, y: Tensor, derivation: Derivation) -> None:
+        self.ctx.derive(y, derivation)
+
+    def derived(self, x: Tensor, operand: str) -> Derivation | None:
+        hit = self.ctx.derived(x)
+        if hit is not None:
+            qt = hit.source
+            groups = qt.step.numel()
+            self.ctx.record(
+                self.frame, self.kind, self.slot, operand, x.shape, x.dtype, groups, qt, hit.rebuild
+            )
+        return hit
 
 
 def _op_name(func: Any) -> str:
@@ -443,8 +456,10 @@ class _MesaContext:
         dtype: torch.dtype,
         groups: int,
         qt: QTensor,
+        rebuild: str = "",
     ) -> None:
-        """Keep what :func:`~ev_compress.mesa.summary` reports (eager forwards only)."""
+        """Keep what :func:`~ev_compress.mesa.summary` reports (eager forwards only);
+        ``rebuild``: the tensor is rebuilt from ``qt`` (another tensor's codes), no bytes."""
         if torch.compiler.is_compiling() or self.probing:
             return
         self.records[(frame.name, slot, operand)] = SlotRecord(
@@ -456,7 +471,8 @@ class _MesaContext:
             dtype=dtype,
             groups=groups,
             original_bytes=math.prod(shape) * dtype.itemsize,
-            quantised_bytes=qt.nbytes,
+            quantised_bytes=0 if rebuild else qt.nbytes,
+            rebuilt=rebuild,
         )
 
     def cached(self, x: Tensor, gl: GroupLayout, bits: int) -> QTensor | None:
@@ -480,6 +496,31 @@ class _MesaContext:
             self._local.traced.append((x, gl, bits, qt))
         else:
             self._local.cache[id(x)] = (weakref.ref(x), x._version, gl, bits, qt)
+
+    def derive(self, y: Tensor, derivation: Derivation) -> None:
+        """Note that ``y`` can be rebuilt in backward from another tensor's codes (a cache
+        entry without a layout, which :meth:`cached` never returns)."""
+        if not self.policy.reuse:
+            return
+        if torch.compiler.is_compiling():
+            self._local.traced.append((y, None, None, derivation))
+        else:
+            self._local.cache[id(y)] = (weakref.ref(y), y._version, None, None, derivation)
+
+    def derived(self, x: Tensor) -> Derivation | None:
+        """The :class:`Derivation` noted for ``x`` by :meth:`derive` in this forward, if ``x``
+        was not modified since."""
+        if not self.policy.reuse:
+            return None
+        if torch.compiler.is_compiling():
+            for t, g, _, derivation in self._local.traced:
+                if t is x and g is None:
+                    return derivation
+            return None
+        hit = self._local.cache.get(id(x))
+        if hit is None or hit[2] is not None:
+            return None
+        return hit[4] if hit[0]() is x and hit[1] == x._version else None
 
     def quantize(
         self,
@@ -676,8 +717,10 @@ class _State:
         self.open = False  # an outermost forward is running
         self.mode: _MesaMode | None = None  # the mode begin() entered, if it did
         self.hooks: Any = None
-        self.cache: dict[int, Any] = {}  # id → (weakref, version, layout, bits, QTensor)
-        self.traced: list[Any] = []  # the same under torch.compile: (tensor, layout, bits, QTensor)
+        # id → (weakref, version, layout, bits, QTensor); derived tensors (_MesaContext.derive):
+        # (weakref, version, None, None, Derivation)
+        self.cache: dict[int, Any] = {}
+        self.traced: list[Any] = []  # the same under torch.compile, the tensor in place of id
         self.seen: set[int] = set()
         self.params: set[int] = set()
         self.current: _Call | None = None

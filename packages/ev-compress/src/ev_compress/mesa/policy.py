@@ -128,7 +128,10 @@ class MesaPolicy:
         head_groups: head groups of attention tensors; ``None`` = one group per head.
         momentum: ``λ`` of the running range/minimum estimates (first batch initialises).
         stochastic_rounding: unbiased stochastic rounding (``False``: round to nearest).
-        reuse: quantise a tensor once when several ops save it (softmax output → ``attn @ v``).
+        reuse: quantise a tensor once when several ops save it (softmax output → ``attn @ v``),
+            and give a linear layer whose input is a layer norm's or GELU/SiLU's output no
+            codes of its own: backward rebuilds that input from the codes the norm or
+            activation saved (at their bits; ``summary`` shows it as rebuilt, 0 bytes).
         seed: seed of Mesa's own random generator (``None``: ``torch.initial_seed()``); Mesa
             never draws from the global generators, so dropout masks are unchanged.
         rules: per-layer overrides (:class:`LayerRule`), applied in order after the above.

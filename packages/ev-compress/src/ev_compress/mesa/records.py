@@ -25,7 +25,9 @@ class SlotRecord:
         dtype: tensor dtype.
         groups: quantisation groups.
         original_bytes: bytes of the tensor in its dtype.
-        quantised_bytes: bytes of its codes plus per-group parameters.
+        quantised_bytes: bytes of its codes plus per-group parameters (0 when rebuilt).
+        rebuilt: ``""``, or how backward rebuilds the tensor from the codes of the op that
+            produced it (``"gelu:none"``: a GELU output, from the GELU's input codes).
     """
 
     module: str
@@ -37,6 +39,7 @@ class SlotRecord:
     groups: int
     original_bytes: int
     quantised_bytes: int
+    rebuilt: str = ""
 
 
 @dataclass

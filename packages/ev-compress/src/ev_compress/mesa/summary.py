@@ -77,7 +77,8 @@ class MesaSummary:
             lines.append(
                 f"| {s.module or '(root)'} | {s.slot} | {s.operand} | {_shape(s.shape)} | "
                 f"{_dtype(s.dtype)} | {s.groups} | "
-                f"{_fmt_bytes(s.original_bytes)} → {_fmt_bytes(s.quantised_bytes)} |"
+                f"{_fmt_bytes(s.original_bytes)} → {_fmt_bytes(s.quantised_bytes)}"
+                f"{f' (rebuilt: {s.rebuilt})' if s.rebuilt else ''} |"
             )
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts().items()))
         lines += ["", f"compressed calls: {counts}"]

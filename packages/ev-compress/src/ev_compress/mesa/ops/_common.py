@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ev_compress.mesa.ops._library import QArgs
+from ev_compress.mesa.ops._library import Derivation, QArgs
 from ev_compress.mesa.quant import Layout, QTensor
 
 __all__ = ["PASS", "Handler", "OpKind", "Quantizer"]
@@ -28,7 +28,10 @@ class Quantizer(Protocol):
     codes already made for the same tensor in this forward. Ops that quantise a tensor they
     compute themselves (layer norm: the normalised input; softmax: the output) take
     ``quant.args(like, operand, layout)`` (``like``: a tensor of the quantised tensor's shape
-    and device) and hand their results to ``quant.commit``.
+    and device) and hand their results to ``quant.commit``. Layer norm and GELU/SiLU note
+    their outputs as derived (``quant.derive``): a linear layer taking such an output rebuilds
+    it in backward from the codes the norm or activation saved (``quant.derived``) instead of
+    quantising it again (with ``MesaPolicy.reuse``).
     """
 
     def __call__(self, x: Tensor, operand: str, layout: Layout) -> QTensor: ...
@@ -51,6 +54,16 @@ class Quantizer(Protocol):
         """Store the new estimates (when they update now) and record the codes of a tensor
         shaped like ``like``; ``reuse``: ``like`` itself was quantised (a later op saving it
         gets these codes)."""
+        ...
+
+    def derive(self, y: Tensor, derivation: Derivation) -> None:
+        """Note that ``y`` (an op's output) can be rebuilt from another tensor's codes: a
+        linear op taking ``y`` then saves no codes of its own."""
+        ...
+
+    def derived(self, x: Tensor, operand: str) -> Derivation | None:
+        """The :class:`Derivation` noted for ``x`` by :meth:`derive` in this forward, if any
+        (recorded as this call's ``operand``, rebuilt, no bytes of its own)."""
         ...
 
 

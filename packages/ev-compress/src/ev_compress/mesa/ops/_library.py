@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ev_compress.mesa import _fused
 from ev_compress.mesa.quant import (
     GroupLayout,
     QTensor,
@@ -45,11 +46,15 @@ from ev_compress.mesa.quant import (
 
 __all__ = [
     "NAMESPACE",
+    "Derivation",
     "QArgs",
     "autocast_cast",
     "autocast_dtype",
     "dequantize_op",
     "dq",
+    "dq_gelu",
+    "dq_gelu_backward",
+    "dq_layer_norm",
     "kernel",
     "q",
     "quantize_internal",
@@ -103,6 +108,24 @@ class QArgs:
             self.update,
             self.stochastic,
         )
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """How an op's output can be rebuilt in backward from codes another op saved.
+
+    Attributes:
+        source: the codes (of a GELU/SiLU input, or of a layer norm's normalised input).
+        rebuild: ``"gelu:none"``, ``"gelu:tanh"``, ``"silu"`` (the activation of the source)
+            or ``"layer_norm"`` (``source · weight + bias``).
+        weight: the layer norm's weight (``None``: none, or not a layer norm).
+        bias: the layer norm's bias.
+    """
+
+    source: QTensor
+    rebuild: str
+    weight: Tensor | None = None
+    bias: Tensor | None = None
 
 
 @contextmanager
@@ -225,6 +248,71 @@ def dq(codes: Tensor, step: Tensor, minimum: Tensor, shape: Any, dtype: torch.dt
     if _eager(codes):
         return dequantize(QTensor(codes, step, minimum, torch.Size(shape), dtype))
     return torch.ops.ev_mesa.dequantize(codes, step, minimum, list(shape), dtype)
+
+
+def _fused_reads(codes: Tensor, dtype: torch.dtype) -> bool:
+    """Whether an eager backward reads ``codes`` through a fused CPU kernel."""
+    return _eager(codes) and _fused.supports_dtype(dtype) and _fused.usable(codes)
+
+
+def dq_gelu(
+    codes: Tensor, step: Tensor, minimum: Tensor, shape: Any, dtype: torch.dtype, approximate: str
+) -> Tensor:
+    """``F.gelu`` of the dequantised tensor (``shape``, ``dtype``): a GELU's output rebuilt from
+    the codes of its input."""
+    if _fused_reads(codes, dtype):
+        return _fused.dequantize_gelu(codes, step, minimum, dtype, approximate).reshape(shape)
+    return F.gelu(dq(codes, step, minimum, shape, dtype), approximate=approximate)
+
+
+def dq_gelu_backward(
+    grad: Tensor, codes: Tensor, step: Tensor, minimum: Tensor, approximate: str
+) -> Tensor:
+    """``aten.gelu_backward(grad, x̂)``, ``x̂`` the dequantised input of ``grad``'s shape and
+    dtype."""
+    if _fused_reads(codes, grad.dtype):
+        g = grad.reshape(codes.shape)
+        return _fused.gelu_backward(g, codes, step, minimum, approximate).reshape(grad.shape)
+    x_hat = dq(codes, step, minimum, grad.shape, grad.dtype)
+    return torch.ops.aten.gelu_backward(grad, x_hat, approximate=approximate)
+
+
+def dq_layer_norm(
+    codes: Tensor,
+    step: Tensor,
+    minimum: Tensor,
+    shape: Any,
+    dtype: torch.dtype,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> Tensor:
+    """A layer norm's output (``shape``, ``dtype``) from the codes of its normalised input:
+    ``x̂·weight + bias`` computed in float32 (float64 for float64) and cast to ``dtype``. With
+    the codes grouped along the normalised last dimension the affine map is folded into the
+    dequantisation (``code·(step·w) + (β·w + b)``, one pass; the fused CPU kernel in eager
+    mode)."""
+    sdt = torch.promote_types(dtype, torch.float32)
+    channels = shape[-1]
+    if codes.dim() == 3 and codes.shape[1] * codes.shape[2] == channels:
+        groups, rest = codes.shape[1], codes.shape[2]
+        w = (
+            torch.ones(channels, dtype=sdt, device=codes.device)
+            if weight is None
+            else weight.to(sdt)
+        )
+        b = torch.zeros(channels, dtype=sdt, device=codes.device) if bias is None else bias.to(sdt)
+        w, b = w.reshape(groups, rest), b.reshape(groups, rest)
+        scale = step.to(sdt)[:, None] * w
+        offset = minimum.to(sdt)[:, None] * w + b
+        if _fused_reads(codes, dtype):
+            return _fused.dequantize_affine(codes, scale, offset, dtype).reshape(shape)
+        return (codes.to(sdt) * scale + offset).to(dtype).reshape(shape)
+    xn = dq(codes, step, minimum, shape, sdt)  # codes grouped another way: apply w, b after
+    if weight is not None:
+        xn = xn * weight.to(sdt)
+    if bias is not None:
+        xn = xn + bias.to(sdt)
+    return xn.to(dtype)
 
 
 def q(x: Tensor, *qargs: Any) -> tuple[Tensor, Tensor, Tensor]:

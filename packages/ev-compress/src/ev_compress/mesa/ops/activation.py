@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ev_compress.mesa.ops._common import PASS, OpKind, Quantizer, bind, is_float_tensor, parts
-from ev_compress.mesa.ops._library import NAMESPACE, autocast_cast, dq, kernel
+from ev_compress.mesa.ops._library import (
+    NAMESPACE,
+    Derivation,
+    autocast_cast,
+    dq,
+    dq_gelu_backward,
+    kernel,
+)
 from ev_compress.mesa.quant import pack_bits, unpack_bits
 
 __all__ = ["KINDS"]
@@ -42,9 +49,8 @@ def _save_input(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
 
 def _gelu_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
     codes, step, minimum = ctx.saved_tensors
-    shape, dtype = ctx.x_meta
-    x_hat = dq(codes, step, minimum, shape, dtype)
-    gx = torch.ops.aten.gelu_backward(grad.to(dtype), x_hat, approximate=ctx.options[0])
+    _, dtype = ctx.x_meta
+    gx = dq_gelu_backward(grad.to(dtype), codes, step, minimum, ctx.options[0])
     return gx, None, None, None, None
 
 
@@ -60,7 +66,10 @@ def handle_gelu(
         return PASS
     (x,) = autocast_cast("gelu", b["input"])
     qx = quant(x, "input", "channels")
-    return torch.ops.ev_mesa.gelu(x, *parts(qx), str(b["approximate"]))
+    approximate = str(b["approximate"])
+    out = torch.ops.ev_mesa.gelu(x, *parts(qx), approximate)
+    quant.derive(out, Derivation(qx, f"gelu:{approximate}"))
+    return out
 
 
 @torch.library.custom_op(f"{NAMESPACE}::silu", mutates_args=())
@@ -104,6 +113,8 @@ def handle_silu(
     (x,) = autocast_cast("silu", b["input"])
     qx = quant(x, "input", "channels")
     out = torch.ops.ev_mesa.silu(x, *parts(qx))
+    if not b["inplace"]:
+        quant.derive(out, Derivation(qx, "silu"))
     return _maybe_inplace(b["input"], out, bool(b["inplace"]))
 
 

@@ -38,6 +38,7 @@ from ev_compress.mesa.ops._common import (
 )
 from ev_compress.mesa.ops._library import (
     NAMESPACE,
+    Derivation,
     autocast_cast,
     dq,
     fake_internal,
@@ -143,7 +144,8 @@ def handle_layer_norm(
     out, codes, step, minimum, _, new_range, new_min = torch.ops.ev_mesa.layer_norm(
         x, weight, bias, shape, float(b["eps"]), *qa.op_args()
     )
-    quant.commit(qa, "input", x, codes, step, minimum, new_range, new_min, reuse=False)
+    qt = quant.commit(qa, "input", x, codes, step, minimum, new_range, new_min, reuse=False)
+    quant.derive(out, Derivation(qt, "layer_norm", weight, bias))
     return out
 
 
