@@ -28,7 +28,7 @@ def _lowbias32_u(index: int, seed: int) -> float:
     z = ((z ^ (z >> 16)) * 0x21F0AAAD) & MASK32
     z = ((z ^ (z >> 15)) * 0x735A2D97) & MASK32
     z ^= z >> 15
-    return ((z >> 8) + 0.5) / (1 << 24)
+    return ((z >> 9) + 0.5) / (1 << 23)
 
 
 def test_noise_is_lowbias32() -> None:

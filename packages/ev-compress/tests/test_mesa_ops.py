@@ -194,6 +194,31 @@ def test_linear_after_layer_norm_rebuilds_its_input_from_the_norm_codes() -> Non
         grads.append([p.grad for p in params])
     for got, ref in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, ref, rtol=2e-2, atol=1e-2 * float(ref.abs().max()))
+    (linear,) = [s for s in mesa.summary(m).slots if s.kind == "linear"]
+    # recorded as what the linear layer takes: the bf16 cast of the float32 norm output
+    assert linear.dtype == torch.bfloat16 and linear.original_bytes == x.numel() * 2
+
+
+def test_layer_norm_rebuild_with_a_multi_dimensional_normalized_shape() -> None:
+    """``LayerNorm([3, 16])`` (weight and bias ``[3, 16]``) before a linear layer: the codes
+    are grouped along the last dimension but the affine map is not per channel, so it is
+    applied after dequantising (folding it in crashed: a 48-element weight reshaped to the
+    channel groups). Gradients within 8-bit quantisation error of the exact ones."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(64, 3, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    b = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    W = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    fn = lambda x, w, b, W: F.linear(F.layer_norm(x, (3, 16), w, b, 1e-6), W)  # noqa: E731
+    module = mesa.convert(Call(fn), EXACT)
+    module(x, w.requires_grad_(), b.requires_grad_(), W.requires_grad_()).square().sum().backward()
+    (linear,) = [s for s in mesa.summary(module).slots if s.kind == "linear"]
+    assert linear.rebuilt == "layer_norm"
+    ref = [t.detach().clone().requires_grad_() for t in (w, b, W)]
+    fn(x, *ref).square().sum().backward()
+    for got, want in zip((w, b, W), ref, strict=True):
+        rel = float((got.grad - want.grad).norm() / want.grad.norm())
+        assert rel < 0.02, rel
 
 
 def test_layer_norm_rebuild_with_other_groupings_and_without_affine() -> None:

@@ -120,7 +120,9 @@ class _Blocks(nn.Module):
 
 
 def test_checkpointing_updates_estimates_once_per_step_in_both_modes() -> None:
-    policy = mesa.MesaPolicy(momentum=0.5)
+    # reuse=False: every mode quantises the same tensors (inside a non-reentrant checkpoint a
+    # linear layer does not rebuild its input from the norm's/GELU's codes, see below)
+    policy = mesa.MesaPolicy(momentum=0.5, reuse=False)
     models = {m: mesa.convert(_Blocks(m), policy) for m in (None, "reentrant", "non-reentrant")}
     g = torch.Generator().manual_seed(0)
     key = "stem.mesa_linear0_input"  # the blocks' quantised tensors are scale-free (normalised)
@@ -294,3 +296,39 @@ def test_meter_separates_autocast_weight_casts() -> None:
     )
     assert acts.param_cast_bytes >= weights
     assert acts.total_bytes + acts.param_cast_bytes == everything.total_bytes
+
+
+class _NormOutside(nn.Module):
+    """A norm outside the checkpointed function, an activation inside a checkpointed method
+    (the norm → linear and GELU → linear pairs a converted model rebuilds without checkpoints)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(16)
+        self.fc1, self.act, self.fc2 = nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)
+
+    def part(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + checkpoint(self.part, self.norm(x), use_reentrant=False)
+
+
+def test_non_reentrant_checkpoint_regions_keep_their_own_codes() -> None:
+    """Inside a non-reentrant checkpoint a linear layer quantises its input rather than
+    rebuilding it from a norm's or activation's codes: the recomputation in backward (no module
+    around the checkpointed method) must decide as the original forward did. Before, this model
+    raised ``CheckpointError`` (a different number of saved tensors) and a norm-free variant got
+    ``fc2``'s input as GELU applied twice (weight-gradient error 0.27)."""
+    plain = _NormOutside().double()
+    x = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    exact = mesa.MesaPolicy(momentum=0.0, stochastic_rounding=False)
+    model = mesa.convert(copy.deepcopy(plain), exact)
+    for m in (plain, model):
+        m(x).square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), model.parameters(), strict=True):
+        rel = float((q.grad - p.grad).norm() / p.grad.norm())
+        assert rel < 0.02, (name, rel)  # 8-bit codes, nothing rebuilt from the wrong codes
+    rebuilt = [s for s in mesa.summary(model).slots if s.rebuilt]
+    assert not rebuilt

@@ -15,11 +15,11 @@ torch code and compiled by ``torch.compile`` (inductor's C++/OpenMP backend) int
   ``dequantize_gelu`` and ``gelu_backward``: GELU's output and backward read from its input's
   codes without writing the dequantised tensor).
 
-**Noise.** ``u = (h₂₄ + ½) / 2²⁴`` where ``h₂₄`` are the top 24 bits of the lowbias32 hash of
+**Noise.** ``u = (h₂₃ + ½) / 2²³`` where ``h₂₃`` are the top 23 bits of the lowbias32 hash of
 ``index XOR seed`` (32-bit wrap-around arithmetic, logical shifts; the seed folds to 32 bits a hash
 of the model's step counter and the call, :func:`~ev_compress.mesa.quant.mix_seed`). It is a
 function of the seed and the element's position only: the same on any number of threads, in eager
-and compiled models alike, and no generator state is kept. The resolution is 2⁻²⁴ (the torch
+and compiled models alike, and no generator state is kept. The resolution is 2⁻²³ (the torch
 path's is 2⁻⁸).
 
 The kernels are compiled with ``dynamic=True`` (one kernel per dtype and rounding mode for every
@@ -92,7 +92,8 @@ def seed32(seed: int) -> int:
 
 def noise(index: Tensor, seed: Tensor) -> Tensor:
     """Uniform noise in ``(0, 1)`` (float32, shape of ``index``) of int32 element indices and an
-    int32 scalar seed: the lowbias32 hash of ``index XOR seed``, top 24 bits, centred.
+    int32 scalar seed: the lowbias32 hash of ``index XOR seed``, top 23 bits, centred (23, so
+    that ``h + ½`` is exact in float32 and ``u`` never reaches 1).
 
     32-bit lanes: twice as many per vector register as the 64-bit splitmix64 finaliser used
     before, and the noise was most of the kernel's time (BENCHMARKS.md). The index is XOR-ed,
@@ -102,7 +103,7 @@ def noise(index: Tensor, seed: Tensor) -> Tensor:
     z = (z ^ _shr(z, 16)) * _M1
     z = (z ^ _shr(z, 15)) * _M2
     z = z ^ _shr(z, 15)
-    return (_shr(z, 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return (_shr(z, 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def _minmax_kernel(xg: Tensor) -> tuple[Tensor, Tensor]:

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
@@ -127,6 +128,8 @@ class _MesaMode(TorchFunctionMode):
         kwargs = kwargs or {}
         ctx = self.context
         local = ctx._local
+        if local.traced and _mutates(func, args, kwargs):
+            local.traced = []  # compiled: no version counters to tell what changed, forget all
         stack: list[_Frame] = local.stack
         if not stack or not ctx.enabled or not torch.is_grad_enabled():
             return func(*args, **kwargs)
@@ -208,15 +211,68 @@ class _Quantizer:
     def derive(self, y: Tensor, derivation: Derivation) -> None:
         self.ctx.derive(y, derivation)
 
-    def derived(self, x: Tensor, operand: str) -> Derivation | None:
-        hit = self.ctx.derived(x)
-        if hit is not None:
-            qt = hit.source
-            groups = qt.step.numel()
-            self.ctx.record(
-                self.frame, self.kind, self.slot, operand, x.shape, x.dtype, groups, qt, hit.rebuild
-            )
-        return hit
+    def derived(self, x: Tensor) -> Derivation | None:
+        return self.ctx.derived(x)
+
+    def rebuilt(self, operand: str, x: Tensor, derivation: Derivation) -> None:
+        qt = derivation.source
+        groups = qt.step.numel()
+        self.ctx.record(
+            self.frame,
+            self.kind,
+            self.slot,
+            operand,
+            x.shape,
+            x.dtype,
+            groups,
+            qt,
+            derivation.rebuild,
+        )
+
+
+_INPLACE_DUNDERS = frozenset(
+    f"__i{op}__"
+    for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor")
+) | {"__ilshift__", "__irshift__", "__imatmul__", "__setitem__"}
+
+
+def _inplace_positions() -> dict[Any, int]:
+    """``torch.nn.functional`` callables with an ``inplace`` parameter → its position."""
+    out: dict[Any, int] = {}
+    for name in dir(F):
+        fn = getattr(F, name)
+        if not callable(fn) or name.startswith("_"):
+            continue
+        try:
+            params = list(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            continue
+        if "inplace" in params:
+            out[fn] = params.index("inplace")
+    return out
+
+
+_INPLACE_POSITION = _inplace_positions()
+
+
+@torch._dynamo.assume_constant_result
+def _inplace_kind(func: Any) -> int:
+    """``-2``: ``func`` modifies its first argument in place by name (``add_``, ``__iadd__``,
+    ``__setitem__``); ``k ≥ 0``: it does when positional argument ``k`` (``inplace``) is
+    ``True``; ``-1``: neither (a constant for ``torch.compile``: no string methods traced)."""
+    name = getattr(func, "__name__", "")
+    if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS:
+        return -2
+    return _INPLACE_POSITION.get(func, -1)
+
+
+def _mutates(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call may modify a tensor in place (``add_``, ``x += y``, ``x[i] = v``,
+    ``inplace=True``, ``out=``)."""
+    kind = _inplace_kind(func)
+    if kind == -2 or kwargs.get("inplace") is True or kwargs.get("out") is not None:
+        return True
+    return kind >= 0 and len(args) > kind and args[kind] is True
 
 
 def _op_name(func: Any) -> str:
@@ -476,7 +532,8 @@ class _MesaContext:
         )
 
     def cached(self, x: Tensor, gl: GroupLayout, bits: int) -> QTensor | None:
-        """The codes already made in this forward for ``x`` with this grouping, if any."""
+        """The codes already made in this forward for ``x`` with this grouping, if any (and
+        ``x`` not modified since: eager, its version counter; compiled, no in-place call)."""
         if not self.policy.reuse:
             return None
         if torch.compiler.is_compiling():  # traced: compare the (fake) tensors themselves
@@ -497,10 +554,19 @@ class _MesaContext:
         else:
             self._local.cache[id(x)] = (weakref.ref(x), x._version, gl, bits, qt)
 
+    def _derivations_off(self) -> bool:
+        """No derivations without ``reuse``, nor inside a non-reentrant checkpoint region: its
+        recomputation in backward starts from an empty cache wherever no module encloses the
+        checkpointed function, so it could decide otherwise than the original forward (whose
+        ``rebuild`` choice the linear op's backward keeps)."""
+        if not self.policy.reuse:
+            return True
+        return not torch.compiler.is_compiling() and _is_checkpoint_hook(_top_saved_tensors_hooks())
+
     def derive(self, y: Tensor, derivation: Derivation) -> None:
         """Note that ``y`` can be rebuilt in backward from another tensor's codes (a cache
         entry without a layout, which :meth:`cached` never returns)."""
-        if not self.policy.reuse:
+        if self._derivations_off():
             return
         if torch.compiler.is_compiling():
             self._local.traced.append((y, None, None, derivation))
@@ -509,8 +575,9 @@ class _MesaContext:
 
     def derived(self, x: Tensor) -> Derivation | None:
         """The :class:`Derivation` noted for ``x`` by :meth:`derive` in this forward, if ``x``
-        was not modified since."""
-        if not self.policy.reuse:
+        was not modified since (eager: its version counter; compiled: no in-place call since,
+        see :func:`_mutates`)."""
+        if self._derivations_off():
             return None
         if torch.compiler.is_compiling():
             for t, g, _, derivation in self._local.traced:

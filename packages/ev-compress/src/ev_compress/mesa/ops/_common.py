@@ -61,9 +61,13 @@ class Quantizer(Protocol):
         linear op taking ``y`` then saves no codes of its own."""
         ...
 
-    def derived(self, x: Tensor, operand: str) -> Derivation | None:
-        """The :class:`Derivation` noted for ``x`` by :meth:`derive` in this forward, if any
-        (recorded as this call's ``operand``, rebuilt, no bytes of its own)."""
+    def derived(self, x: Tensor) -> Derivation | None:
+        """The :class:`Derivation` noted for ``x`` by :meth:`derive` in this forward, if any."""
+        ...
+
+    def rebuilt(self, operand: str, x: Tensor, derivation: Derivation) -> None:
+        """Record that this call's ``operand`` ``x`` is rebuilt from ``derivation`` (no bytes
+        of its own)."""
         ...
 
 

@@ -293,7 +293,8 @@ def dq_layer_norm(
     mode)."""
     sdt = torch.promote_types(dtype, torch.float32)
     channels = shape[-1]
-    if codes.dim() == 3 and codes.shape[1] * codes.shape[2] == channels:
+    per_channel = all(t is None or t.numel() == channels for t in (weight, bias))
+    if per_channel and codes.dim() == 3 and codes.shape[1] * codes.shape[2] == channels:
         groups, rest = codes.shape[1], codes.shape[2]
         w = (
             torch.ones(channels, dtype=sdt, device=codes.device)
@@ -307,7 +308,8 @@ def dq_layer_norm(
         if _fused_reads(codes, dtype):
             return _fused.dequantize_affine(codes, scale, offset, dtype).reshape(shape)
         return (codes.to(sdt) * scale + offset).to(dtype).reshape(shape)
-    xn = dq(codes, step, minimum, shape, sdt)  # codes grouped another way: apply w, b after
+    # codes grouped another way, or a multi-dimensional normalized_shape: w, b broadcast after
+    xn = dq(codes, step, minimum, shape, sdt)
     if weight is not None:
         xn = xn * weight.to(sdt)
     if bias is not None:

@@ -136,10 +136,14 @@ def handle_linear(
     x = to_dtype(b["input"], dtype)
     qx, derivation = None, None
     if weight.requires_grad:
-        derivation = quant.derived(b["input"], "input")
+        derivation = quant.derived(b["input"])
         if derivation is not None and x is not b["input"] and derivation.rebuild != "layer_norm":
             derivation = None  # an activation output cast by autocast: quantise the cast
-        qx = derivation.source if derivation is not None else quant(x, "input", "channels")
+        if derivation is None:
+            qx = quant(x, "input", "channels")
+        else:
+            qx = derivation.source
+            quant.rebuilt("input", x, derivation)
     rebuild: tuple[str, Tensor | None, Tensor | None] = ("", None, None)
     if derivation is not None:
         rebuild = (derivation.rebuild, derivation.weight, derivation.bias)

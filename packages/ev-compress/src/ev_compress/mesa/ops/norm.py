@@ -145,7 +145,10 @@ def handle_layer_norm(
         x, weight, bias, shape, float(b["eps"]), *qa.op_args()
     )
     qt = quant.commit(qa, "input", x, codes, step, minimum, new_range, new_min, reuse=False)
-    quant.derive(out, Derivation(qt, "layer_norm", weight, bias))
+    # the affine parameters as they are now (a copy of C values: no parameter storage that
+    # FSDP may free or an optimizer may change is kept for the linear layer's backward)
+    w, b_ = (None if t is None else t.detach().clone() for t in (weight, bias))
+    quant.derive(out, Derivation(qt, "layer_norm", w, b_))
     return out
 
 
