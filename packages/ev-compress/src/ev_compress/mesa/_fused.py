@@ -22,14 +22,15 @@ function of the seed and the element's position only: the same on any number of 
 and compiled models alike, and no generator state is kept. The resolution is 2⁻²³ (the torch
 path's is 2⁻⁸).
 
-The kernels are compiled with ``dynamic=True`` (one kernel per dtype and rounding mode for every
-shape) and ``cpp.dynamic_threads`` (OpenMP's thread count read at run time, so that
-``torch.set_num_threads`` applies, and inductor's on-disk cache cannot hand a kernel built for
-another thread count to this process) on first use, and cached on disk by inductor. They need a working C++ compiler:
-:func:`status` compiles and checks them once on tiny inputs and says why they cannot run
-otherwise; the torch path is used then. ``EV_MESA_FUSED=0`` disables them. Tensors smaller than
-:data:`MIN_NUMEL` or more than :data:`MAX_NUMEL` elements, float64 tensors, calls with an explicit ``torch.Generator`` and calls
-inside a ``torch.compile`` trace take the torch path.
+The kernels are compiled on first use with ``dynamic=True`` (one kernel per dtype and rounding
+mode for every shape) and ``cpp.dynamic_threads`` (OpenMP's thread count read at run time, so
+that ``torch.set_num_threads`` applies and inductor's on-disk cache cannot hand this process a
+kernel built for another thread count), and cached on disk by inductor. They need a working C++
+compiler: :func:`status` compiles and checks them once on tiny inputs and says why they cannot
+run otherwise; the torch path is used then. ``EV_MESA_FUSED=0`` disables them. Tensors with
+fewer than :data:`MIN_NUMEL` or more than :data:`MAX_NUMEL` elements, float64 tensors, calls
+with an explicit ``torch.Generator`` and calls inside a ``torch.compile`` trace take the torch
+path.
 """
 
 from __future__ import annotations
@@ -240,8 +241,8 @@ def group_minmax(xg: Tensor) -> tuple[Tensor, Tensor]:
 def quantize(xg: Tensor, inv: Tensor, off: Tensor, levels: float, seed: Tensor | None) -> Tensor:
     """uint8 codes ``[pre, G, rest]`` of ``xg``: ``clamp(x·inv + off + u, 0, levels)`` with the
     hash noise of ``seed`` (int64 scalar tensor, folded by :func:`seed32`), or ``u = ½`` (round to
-    nearest) for ``None``.
-    A bf16/fp16 input is read as it is (converted to float32 in registers)."""
+    nearest) for ``None``. A bf16/fp16 input is read as it is (converted to float32 in
+    registers)."""
     lv = torch.tensor(levels, dtype=torch.float32)
     if seed is None:
         return _call("nearest", xg, inv, off, lv)

@@ -104,15 +104,14 @@ def _rebuilt(
 ) -> Tensor:
     """The linear layer's input (``shape``, ``dtype``) from the codes (see the op's
     ``rebuild``)."""
+    if not rebuild:
+        return dq(codes, step, minimum, shape, dtype)
     if rebuild == "layer_norm":
         return dq_layer_norm(codes, step, minimum, shape, dtype, weight, bias)
     if rebuild.startswith("gelu:"):
         return dq_gelu(codes, step, minimum, shape, dtype, rebuild[5:])
-    x_hat = dq(codes, step, minimum, shape, dtype)
-    if not rebuild:
-        return x_hat
     if rebuild == "silu":
-        return F.silu(x_hat)
+        return F.silu(dq(codes, step, minimum, shape, dtype))
     raise ValueError(f"unknown rebuild {rebuild!r}")
 
 
