@@ -1,6 +1,6 @@
-"""Mesa's fused CPU kernels (inductor-compiled): the counter-based noise against lowbias32
-written with Python integers, the kernels against the explicit formulas, and a converted model
-that takes the fused path (eager and compiled alike)."""
+"""Mesa's fused CPU kernels (inductor-compiled): the noise table and its row offsets against
+lowbias32 written with Python integers, the kernels against the explicit formulas, and a converted
+model that takes the fused path (eager and compiled alike)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import nn
 
 from ev_compress import mesa
 from ev_compress.mesa import GroupLayout, _fused, dequantize, quantize
+from ev_compress.mesa.ops import _library
 
 needs_fused = pytest.mark.skipif(
     not _fused.available(), reason=f"fused CPU kernels unavailable: {_fused.status()}"
@@ -22,21 +23,23 @@ MASK32 = (1 << 32) - 1
 INT32 = torch.iinfo(torch.int32)
 
 
-def _lowbias32_u(index: int, seed: int) -> float:
-    """The noise of one element, in Python integers (logical shifts, 32-bit wrap-around)."""
-    z = (index ^ seed) & MASK32
+def _lowbias32(z: int) -> int:
+    """lowbias32 of a 32-bit word, in Python integers (logical shifts, 32-bit wrap-around)."""
+    z &= MASK32
     z = ((z ^ (z >> 16)) * 0x21F0AAAD) & MASK32
     z = ((z ^ (z >> 15)) * 0x735A2D97) & MASK32
-    z ^= z >> 15
-    return ((z >> 9) + 0.5) / (1 << 23)
+    return z ^ (z >> 15)
 
 
-def test_noise_is_lowbias32() -> None:
-    index = torch.tensor([0, 1, 2, 3, 1000, 65535, 65536, 2**30 + 7, INT32.max], dtype=torch.int32)
-    for seed in (0, 1, 12345, INT32.max, INT32.min, -1):
-        got = _fused.noise(index, torch.tensor(seed, dtype=torch.int32))
-        ref = torch.tensor([_lowbias32_u(int(i), seed) for i in index], dtype=torch.float32)
-        assert torch.equal(got, ref), seed
+def _offset(row: int, seed: int) -> int:
+    return _lowbias32(row ^ seed ^ 0x5BD1E995) >> (32 - 18)
+
+
+def test_lowbias32_wraps_like_python_integers() -> None:
+    z = torch.tensor([0, 1, 2, 1000, 65535, 65536, 2**30 + 7, INT32.max, INT32.min, -1])
+    got = _fused._lowbias32(z.to(torch.int32))
+    ref = [_lowbias32(int(v)) for v in z]
+    assert [int(v) & MASK32 for v in got] == ref
 
 
 def test_seed32_folds_both_halves() -> None:
@@ -47,34 +50,81 @@ def test_seed32_folds_both_halves() -> None:
     assert len(seeds) == 1000 and all(INT32.min <= s <= INT32.max for s in seeds)
 
 
+def test_noise_table_is_the_grid_in_hash_order() -> None:
+    """Every centred grid value ``(k + ½)/2¹⁸`` exactly once, ordered by the hash of ``k``
+    (Python integers): the rounding noise is uniform over the grid whatever the offsets."""
+    table = _fused.noise_table()
+    n = _fused.TABLE_SIZE
+    assert table.shape == (n,) and table.dtype == torch.float32
+    grid = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    assert torch.equal(table.double().sort().values, grid)
+    order = sorted(range(n), key=lambda k: _lowbias32(k ^ 0x2545F491))
+    assert torch.equal(table.double(), grid[torch.tensor(order)])
+    # the order is not the grid's: neighbours are uncorrelated (|r| < 5 standard errors)
+    u = table.double()
+    assert abs(float(torch.corrcoef(torch.stack([u[1:], u[:-1]]))[0, 1])) < 5 / math.sqrt(n)
+
+
 @needs_fused
-def test_compiled_noise_matches_python_integers() -> None:
-    """The hash as inductor compiles it (vector body and scalar tail): a wrapping 32-bit signed
-    multiply is undefined behaviour in C++, so this is checked, not assumed."""
-    compiled = torch.compile(_fused.noise, dynamic=True, fullgraph=True)
-    for n, seed in ((3017, 987654321), (64, -5)):
-        index = torch.arange(n, dtype=torch.int32) * 7919  # wide spread of index values
-        got = compiled(index, torch.tensor(seed, dtype=torch.int32))
-        ref = torch.tensor([_lowbias32_u(int(i), seed) for i in index], dtype=torch.float32)
-        assert torch.equal(got, ref), seed
+def test_compiled_row_offsets_match_python_integers() -> None:
+    """The offsets as inductor compiles the hash (vector body and scalar tail): a wrapping
+    32-bit signed multiply is undefined behaviour in C++, so this is checked, not assumed."""
+    for rows, seed in ((3017, 987654321), (64, -5), (70001, INT32.min)):
+        got = _fused._call("row_offsets", torch.empty(rows, dtype=torch.uint8), _i32(seed))
+        assert got.dtype == torch.int32
+        assert got.tolist() == [_offset(r, seed) for r in range(rows)], seed
 
 
-def test_noise_is_uniform_and_uncorrelated() -> None:
-    n = 1 << 20
-    index = torch.arange(n, dtype=torch.int32)
-    u = _fused.noise(index, torch.tensor(7, dtype=torch.int32)).double()
-    v = _fused.noise(index, torch.tensor(8, dtype=torch.int32)).double()
+def _i32(v: int) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.int32)
+
+
+def test_noise_field_is_the_table_read_at_hashed_row_offsets() -> None:
+    """Element ``(p, g, r)`` gets ``table[(offset + r) mod 2¹⁸]``, ``offset`` the top 18 bits of
+    the lowbias32 hash of the row index XOR the seed XOR the row salt (Python integers); rows
+    near the table's end wrap around."""
+    table = _fused.noise_table()
+    for shape, seed in (((5, 3, 70), -123456789), ((2, 2, 300_000), 42)):
+        u = _fused.noise_field(shape, _i32(seed))
+        assert u.shape == shape and u.dtype == torch.float32
+        for row in range(shape[0] * shape[1]):
+            offset = _offset(row, seed)
+            index = (offset + torch.arange(shape[2])) % _fused.TABLE_SIZE
+            p, g = divmod(row, shape[1])
+            assert torch.equal(u[p, g], table[index]), row
+
+
+def test_noise_field_rows_are_spread_and_uncorrelated() -> None:
+    """Rows read the table at scattered offsets: the offsets are uniform over the table, and
+    neither neighbours within a row, the same position of neighbouring rows nor two seeds are
+    correlated. (1 M elements from a 2¹⁸-entry table: each entry is read ~4 times, which widens
+    the standard error of a correlation ~2×; the bound is 10/√n.)"""
+    shape = (512, 8, 256)
+    rows = torch.empty(shape[0] * shape[1], dtype=torch.uint8)
+    offset = _fused._row_offsets_kernel(rows, _i32(7))
+    assert int(offset.min()) >= 0 and int(offset.max()) < _fused.TABLE_SIZE
+    counts = torch.histc(offset.double(), bins=64, min=0, max=_fused.TABLE_SIZE)
+    expected = offset.numel() / 64
+    assert float(((counts - expected) ** 2 / expected).sum()) < 130  # chi-square, 63 d.o.f.
+    u = _fused.noise_field(shape, _i32(7)).double().reshape(-1, 256)
+    v = _fused.noise_field(shape, _i32(8)).double().reshape(-1, 256)
     assert float(u.min()) > 0 and float(u.max()) < 1
-    # mean and variance of U(0, 1) (standard errors 2.8e-4 and 8e-5)
-    assert abs(float(u.mean()) - 0.5) < 2e-3 and abs(float(u.var()) - 1 / 12) < 5e-4
-    # 64 equal bins: chi-square with 63 degrees of freedom (p = 1e-6 at ~130)
+    assert abs(float(u.mean()) - 0.5) < 4e-3 and abs(float(u.var()) - 1 / 12) < 1e-3
+    bound = 10 / math.sqrt(u.numel())
+    for a, b in ((u[:, 1:], u[:, :-1]), (u[1:], u[:-1]), (u, v)):
+        assert abs(float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])) < bound
+
+
+def test_noise_of_one_element_over_seeds_is_uniform_on_the_grid() -> None:
+    """Across seeds (training steps) one element's noise is a fresh uniform draw: its mean is ½
+    and its histogram flat, so stochastic rounding stays unbiased step after step."""
+    n = 1 << 16
+    seeds = torch.arange(n, dtype=torch.int64) * 0x9E3779B9
+    offsets = torch.tensor([_offset(5, _fused.seed32(int(s))) for s in seeds])
+    u = _fused.noise_table()[(offsets + 3) % _fused.TABLE_SIZE].double()
+    assert abs(float(u.mean()) - 0.5) < 5 * 0.289 / math.sqrt(n)
     counts = torch.histc(u, bins=64, min=0, max=1)
-    chi2 = float(((counts - n / 64) ** 2 / (n / 64)).sum())
-    assert chi2 < 130, chi2
-    # neighbours and seeds are decorrelated (|r| < 5 standard errors)
-    bound = 5 / math.sqrt(n)
-    assert abs(float(torch.corrcoef(torch.stack([u[1:], u[:-1]]))[0, 1])) < bound
-    assert abs(float(torch.corrcoef(torch.stack([u, v]))[0, 1])) < bound
+    assert float(((counts - n / 64) ** 2 / (n / 64)).sum()) < 130  # chi-square, 63 d.o.f.
 
 
 @needs_fused
@@ -87,11 +137,11 @@ def test_fused_quantize_matches_the_formula(dtype: torch.dtype) -> None:
     step = rng / 255
     inv, off = 1 / step, -mn / step
     seed = torch.tensor(987654321, dtype=torch.int64)
-    index = torch.arange(xg.numel(), dtype=torch.int32).view(xg.shape)
     seed32 = torch.tensor(_fused.seed32(int(seed)), dtype=torch.int32)
     v = xg.double() * inv.double()[None, :, None] + off.double()[None, :, None]
+    u_seeded = _fused.noise_field(tuple(xg.shape), seed32).double()
     for codes, u in (
-        (_fused.quantize(xg, inv, off, 255.0, seed), _fused.noise(index, seed32).double()),
+        (_fused.quantize(xg, inv, off, 255.0, seed), u_seeded),
         (_fused.quantize(xg, inv, off, 255.0, None), torch.full_like(v, 0.5)),
     ):
         ref = (v + u).clamp(0, 255).floor()
@@ -150,6 +200,29 @@ def test_fused_dequantize_affine_matches_the_formula(dtype: torch.dtype) -> None
 
 @needs_fused
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_dequantize_rows_matches_the_formula(dtype: torch.dtype) -> None:
+    """Per-row scaled dequantisation (a layer norm's input rebuilt for its backward), the kernel
+    and ``dq_rows`` on both paths, against float64 math."""
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 256, (2048, 4, 64), generator=g, dtype=torch.uint8)  # 2^19
+    step, minimum = torch.rand(4, generator=g) * 0.1, torch.randn(4, generator=g)
+    scale = torch.rand(2048, generator=g) * 4 + 0.01
+    ref = codes.double() * step.double()[None, :, None] + minimum.double()[None, :, None]
+    ref = ref * scale.double()[:, None, None]
+    eps = torch.finfo(dtype).eps
+    tol = {"rtol": 2 * eps, "atol": 4 * float(ref.abs().max()) * eps}
+    out = _fused.dequantize_rows(codes, step, minimum, scale, dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, **tol)
+    shape = (32, 64, 256)  # each code row one row of the last dimension
+    fused = _library.dq_rows(codes, step, minimum, shape, dtype, scale.reshape(32, 64, 1))
+    torch.testing.assert_close(fused.double(), ref.reshape(shape), **tol)
+    small = _library.dq_rows(codes[:2], step, minimum, (2, 256), dtype, scale[:2])  # torch path
+    torch.testing.assert_close(small.double(), ref[:2].reshape(2, 256), **tol)
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_fused_gelu_from_codes_matches_the_formula(dtype: torch.dtype, approximate: str) -> None:
     """GELU's output and backward read from codes (one pass each, float32 inside) against
@@ -190,7 +263,7 @@ def test_public_quantize_takes_the_fused_path_and_stays_unbiased() -> None:
     seed = torch.tensor(42)
     q = quantize(x, layout, running_range=rng, running_min=mn, update=False, seed=seed)
     seed32 = torch.tensor(_fused.seed32(42), dtype=torch.int32)
-    u = _fused.noise(torch.arange(n, dtype=torch.int32).view(x.shape), seed32).double()
+    u = _fused.noise_field(tuple(x.shape), seed32).double()
     ref = (x.double() + u).clamp(0, 255).floor()
     assert (q.data.double() - ref).abs().max() <= 1
     x_hat = dequantize(q)
@@ -263,3 +336,37 @@ def test_converted_model_on_the_fused_path(monkeypatch: pytest.MonkeyPatch) -> N
     for name, g in g_eager.items():
         cos = F.cosine_similarity(g.double().flatten(), g_torch[name].double().flatten(), dim=0)
         assert float(cos) > 0.999, (name, float(cos))
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_normalisation_in_the_kernels_gives_the_codes_of_the_normalised_tensor(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``quantize(x, normalize=(mean, rstd))`` (a layer norm's input, per-token statistics) runs
+    the ``_rows`` kernels, which normalise in registers: the same estimates and codes, bit for
+    bit, as quantising ``(x − mean)·rstd`` computed by torch."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(64, 40, 384, generator=g) * 3 + torch.randn(64, 40, 1, generator=g)).to(dtype)
+    var, mean = torch.var_mean(x.float(), dim=-1, keepdim=True, correction=0)
+    rstd = (var + 1e-6).rsqrt()
+    xn = (x.float() - mean) * rstd
+    layout = mesa.make_layout(x.shape, "channels")
+    kernels: list[str] = []
+    call = _fused._call
+    monkeypatch.setattr(_fused, "_call", lambda name, *a: kernels.append(name) or call(name, *a))
+    for stochastic in (True, False):
+        kw = {"stochastic": stochastic, "seed": torch.tensor(5) if stochastic else None}
+        fused = quantize(x, layout, normalize=(mean, rstd), **kw)
+        explicit = quantize(xn, layout, **kw)
+        assert fused.dtype == torch.float32 and fused.shape == x.shape
+        assert torch.equal(fused.step, explicit.step) and torch.equal(
+            fused.minimum, explicit.minimum
+        )
+        assert torch.equal(fused.data, explicit.data)
+    assert {"minmax_rows", "stochastic_rows", "nearest_rows"} <= set(kernels), kernels
+    # statistics that are not one per row (a 2-D normalized_shape) are applied by torch first
+    mean2 = x.float().mean(dim=(-2, -1), keepdim=True)
+    q2 = quantize(x, layout, normalize=(mean2, torch.ones_like(mean2)), seed=torch.tensor(5))
+    ref2 = quantize(x.float() - mean2, layout, seed=torch.tensor(5))
+    assert torch.equal(q2.data, ref2.data)

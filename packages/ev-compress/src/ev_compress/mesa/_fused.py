@@ -8,19 +8,31 @@ torch code and compiled by ``torch.compile`` (inductor's C++/OpenMP backend) int
 
 * ``group_minmax``: one reduction pass, per-group minimum and maximum of ``[pre, G, rest]``;
 * ``quantize``: one pass reading ``x`` and writing the uint8 codes
-  ``clamp(x·inv + off + u, 0, levels)``, the stochastic-rounding noise ``u`` computed in registers
-  from the element's index and the call's seed (a counter-based hash, below);
+  ``clamp(x·inv + off + u, 0, levels)``, the stochastic-rounding noise ``u`` read from a fixed
+  table at per-row offsets hashed from the row's index and the call's seed (below);
 * ``dequantize``: one pass, ``code·step + β`` in the requested dtype (``dequantize_affine``:
   with a per-channel affine map folded in, a layer norm's output rebuilt from its codes;
   ``dequantize_gelu`` and ``gelu_backward``: GELU's output and backward read from its input's
   codes without writing the dequantised tensor).
 
-**Noise.** ``u = (h₂₃ + ½) / 2²³`` where ``h₂₃`` are the top 23 bits of the lowbias32 hash of
-``index XOR seed`` (32-bit wrap-around arithmetic, logical shifts; the seed folds to 32 bits a hash
-of the model's step counter and the call, :func:`~ev_compress.mesa.quant.mix_seed`). It is a
-function of the seed and the element's position only: the same on any number of threads, in eager
-and compiled models alike, and no generator state is kept. The resolution is 2⁻²³ (the torch
-path's is 2⁻⁸).
+**Noise.** The stochastic-rounding noise is read from one table, fixed for the process
+(:func:`noise_table`): the 2¹⁸ centred grid values ``(k + ½)/2¹⁸`` in a pseudo-random order (by the
+lowbias32 hash of ``k XOR 0x2545F491``), extended periodically. Row ``i`` of ``[pre·G, rest]`` reads
+``rest`` consecutive entries from an offset, the top 18 bits of the lowbias32 hash of
+``i XOR seed XOR 0x5BD1E995`` (32-bit wrap-around arithmetic, logical shifts; the seed folds to 32
+bits a hash of the model's step counter and the call, :func:`~ev_compress.mesa.quant.mix_seed`;
+:func:`noise_field`). The quantise loop thus loads its noise with vector loads: hashing every
+element in the loop made the bf16 kernel 2.5× slower (inductor widens a bf16 kernel to two
+registers per value and converts two-register int32 vectors to float one lane at a time), and
+hashing a fresh table per call cost ~0.25 ms a call (BENCHMARKS.md). An offset is uniform over
+the table, so an element's noise is uniform over the grid and drawn anew for each seed; as the
+table holds every grid value once, the rounding is unbiased to 2⁻¹⁸ of a step whatever its order
+(a table of hashed values would keep its own sampling error, ~2⁻¹⁰, for the whole run). Two rows
+share an entry only where their windows overlap, at different positions of the row (for ``rest``
+≪ :data:`TABLE_SIZE` a pair of rows starts at the same offset with probability 2⁻¹⁸). The noise is
+a function of the seed and the element's position only: the same on any number of threads, in
+eager and compiled models alike, and no generator state is kept. The resolution is 2⁻¹⁸ (the
+torch path's is 2⁻⁸).
 
 The kernels are compiled on first use with ``dynamic=True`` (one kernel per dtype and rounding
 mode for every shape) and ``cpp.dynamic_threads`` (OpenMP's thread count read at run time, so
@@ -49,13 +61,16 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 __all__ = [
     "MAX_NUMEL",
     "MIN_NUMEL",
+    "TABLE_SIZE",
     "available",
     "dequantize",
     "dequantize_affine",
     "dequantize_gelu",
+    "dequantize_rows",
     "gelu_backward",
     "group_minmax",
-    "noise",
+    "noise_field",
+    "noise_table",
     "quantize",
     "seed32",
     "status",
@@ -75,6 +90,17 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Largest tensor (elements) the kernels take: the noise is indexed with 32-bit integers.
 MAX_NUMEL = (1 << 31) - 1
 
+#: Entries of the noise table (1 MiB of float32, within a core's L2 cache); row offsets into it
+#: are drawn from ``[0, TABLE_SIZE)``.
+TABLE_SIZE = 1 << 18
+_TABLE_BITS = 18
+
+#: Seed of the order of the table's grid values.
+_TABLE_SEED = 0x2545F491
+
+#: XOR-ed into the call's seed for the row offsets.
+_ROW_SALT = 0x5BD1E995
+
 # lowbias32 multipliers (C. Wellons' hash-prospector) as signed 32-bit integers
 _M1 = 0x21F0AAAD
 _M2 = 0x735A2D97
@@ -91,31 +117,82 @@ def seed32(seed: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def noise(index: Tensor, seed: Tensor) -> Tensor:
-    """Uniform noise in ``(0, 1)`` (float32, shape of ``index``) of int32 element indices and an
-    int32 scalar seed: the lowbias32 hash of ``index XOR seed``, top 23 bits, centred (23, so
-    that ``h + ½`` is exact in float32 and ``u`` never reaches 1).
-
-    32-bit lanes: twice as many per vector register as the 64-bit splitmix64 finaliser used
-    before, and the noise was most of the kernel's time (BENCHMARKS.md). The index is XOR-ed,
-    not multiplied: inductor folds a multiple of the loop index into its scalar index arithmetic,
-    where a wrapping signed multiply is undefined behaviour in C++."""
-    z = index ^ seed
+def _lowbias32(z: Tensor) -> Tensor:
     z = (z ^ _shr(z, 16)) * _M1
     z = (z ^ _shr(z, 15)) * _M2
-    z = z ^ _shr(z, 15)
-    return (_shr(z, 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+    return z ^ _shr(z, 15)
+
+
+@functools.cache
+def noise_table() -> Tensor:
+    """The 2¹⁸ noise values (float32): ``(k + ½)/2¹⁸`` for ``k = 0 … 2¹⁸ − 1`` ordered by
+    ``lowbias32(k XOR 0x2545F491)`` read as an unsigned 32-bit integer (computed once)."""
+    k = torch.arange(TABLE_SIZE, dtype=torch.int32)
+    order = torch.argsort(_lowbias32(k ^ _TABLE_SEED).long() & 0xFFFFFFFF)
+    return (order.to(torch.float32) + 0.5) * (1.0 / TABLE_SIZE)
+
+
+@functools.cache
+def _periodic_table(copies: int) -> Tensor:
+    return noise_table().repeat(copies)
+
+
+def _table_for(rest: int) -> Tensor:
+    """:func:`noise_table` repeated to at least ``TABLE_SIZE + rest − 1`` entries."""
+    return _periodic_table(-(-(TABLE_SIZE + rest - 1) // TABLE_SIZE))
+
+
+def _row_offsets_kernel(rows: Tensor, seed: Tensor) -> Tensor:
+    """Each row's offset into the noise table (int32 ``[rows]``, in ``[0, TABLE_SIZE)``) for an
+    int32 scalar ``seed``; ``rows`` is read for its size only (it stays symbolic where an integer
+    would be specialised)."""
+    row = torch.arange(rows.shape[0], dtype=torch.int32)
+    return _shr(_lowbias32(row ^ (seed ^ _ROW_SALT)), 32 - _TABLE_BITS)
+
+
+def _windows(table: Tensor, offset: Tensor, shape: Any) -> Tensor:
+    """Row ``i`` of ``[pre·G, rest]`` reads ``table[offset[i] : offset[i] + rest]`` (the indexing
+    inductor compiles to vector loads at a per-row offset)."""
+    pre, groups, rest = shape
+    return table.as_strided((TABLE_SIZE, rest), (1, 1))[offset.long()].view(pre, groups, rest)
+
+
+def noise_field(shape: tuple[int, int, int], seed: Tensor) -> Tensor:
+    """The noise the stochastic kernel adds to a ``[pre, G, rest]`` tensor (float32, ``shape``):
+    element ``(p, g, r)`` gets ``noise_table()[(offset[p·G + g] + r) mod 2¹⁸]``, the offsets the
+    top 18 bits of the lowbias32 hash of ``(p·G + g) XOR seed XOR 0x5BD1E995`` (int32 ``seed``,
+    as :func:`seed32` folds it)."""
+    rows = torch.empty(shape[0] * shape[1], dtype=torch.uint8)
+    return _windows(_table_for(shape[2]), _row_offsets_kernel(rows, seed), shape)
 
 
 def _minmax_kernel(xg: Tensor) -> tuple[Tensor, Tensor]:
     return xg.amin(dim=(0, 2)).float(), xg.amax(dim=(0, 2)).float()
 
 
-def _quant_stochastic_kernel(
-    xg: Tensor, inv: Tensor, off: Tensor, levels: Tensor, seed: Tensor
+def _normalised(xg: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """``(x − shift)·scale`` in float32, ``shift`` and ``scale`` one value per row ``[pre]``."""
+    return (xg.float() - shift[:, None, None]) * scale[:, None, None]
+
+
+def _minmax_rows_kernel(xg: Tensor, shift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    return _minmax_kernel(_normalised(xg, shift, scale))
+
+
+def _quant_stochastic_rows_kernel(
+    xg: Tensor, shift: Tensor, scale: Tensor, *rest: Tensor
 ) -> Tensor:
-    index = torch.arange(xg.numel(), dtype=torch.int32, device=xg.device).view(xg.shape)
-    v = xg.float() * inv[None, :, None] + off[None, :, None] + noise(index, seed)
+    return _quant_stochastic_kernel(_normalised(xg, shift, scale), *rest)
+
+
+def _quant_nearest_rows_kernel(xg: Tensor, shift: Tensor, scale: Tensor, *rest: Tensor) -> Tensor:
+    return _quant_nearest_kernel(_normalised(xg, shift, scale), *rest)
+
+
+def _quant_stochastic_kernel(
+    xg: Tensor, inv: Tensor, off: Tensor, levels: Tensor, table: Tensor, offset: Tensor
+) -> Tensor:
+    v = xg.float() * inv[None, :, None] + off[None, :, None] + _windows(table, offset, xg.shape)
     return torch.minimum(v.clamp_min(0.0), levels).to(torch.uint8)
 
 
@@ -126,6 +203,13 @@ def _quant_nearest_kernel(xg: Tensor, inv: Tensor, off: Tensor, levels: Tensor) 
 
 def _dequant_kernel(data: Tensor, step: Tensor, minimum: Tensor, dtype: torch.dtype) -> Tensor:
     return (data.float() * step[None, :, None] + minimum[None, :, None]).to(dtype)
+
+
+def _dequant_rows_kernel(
+    data: Tensor, step: Tensor, minimum: Tensor, scale: Tensor, dtype: torch.dtype
+) -> Tensor:
+    x = data.float() * step[None, :, None] + minimum[None, :, None]
+    return (x * scale[:, None, None]).to(dtype)
 
 
 def _dequant_affine_kernel(
@@ -150,9 +234,14 @@ def _gelu_backward_kernel(
 
 _KERNELS: dict[str, Callable[..., Any]] = {
     "minmax": _minmax_kernel,
+    "minmax_rows": _minmax_rows_kernel,
+    "row_offsets": _row_offsets_kernel,
     "stochastic": _quant_stochastic_kernel,
+    "stochastic_rows": _quant_stochastic_rows_kernel,
     "nearest": _quant_nearest_kernel,
+    "nearest_rows": _quant_nearest_rows_kernel,
     "dequant": _dequant_kernel,
+    "dequant_rows": _dequant_rows_kernel,
     "dequant_affine": _dequant_affine_kernel,
     "dequant_gelu": _dequant_gelu_kernel,
     "gelu_backward": _gelu_backward_kernel,
@@ -202,9 +291,10 @@ def status() -> str | None:
         off = torch.tensor([120.0, 100.0])
         levels = torch.tensor(255.0)
         seed = torch.tensor(12345, dtype=torch.int32)
-        index = torch.arange(xg.numel(), dtype=torch.int32).view(xg.shape)
-        codes = _call("stochastic", xg, inv, off, levels, seed)
-        ref = (xg * inv[None, :, None] + off[None, :, None] + noise(index, seed)).clamp(0, 255)
+        u = noise_field((3, 2, 5), seed)
+        offset = _call("row_offsets", torch.empty(6, dtype=torch.uint8), seed)
+        codes = _call("stochastic", xg, inv, off, levels, _table_for(5), offset)
+        ref = (xg * inv[None, :, None] + off[None, :, None] + u).clamp(0, 255)
         ok = (codes.float() - ref.floor()).abs().max() <= 1  # FMA may move a code by one
         mn, mx = _call("minmax", xg)
         ok = ok and torch.equal(mn, xg.amin(dim=(0, 2))) and torch.equal(mx, xg.amax(dim=(0, 2)))
@@ -233,25 +323,51 @@ def usable(x: Tensor) -> bool:
     )
 
 
-def group_minmax(xg: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-group ``(min, max)`` (float32 ``[G]``) of a ``[pre, G, rest]`` tensor."""
-    return _call("minmax", xg)
+def group_minmax(xg: Tensor, rows: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Per-group ``(min, max)`` (float32 ``[G]``) of a ``[pre, G, rest]`` tensor, or of
+    ``(x − shift)·scale`` for ``rows = (shift, scale)`` (float32 ``[pre]``, one value per row:
+    a layer norm's mean and rstd, the normalised tensor never written)."""
+    if rows is None:
+        return _call("minmax", xg)
+    return _call("minmax_rows", xg, *rows)
 
 
-def quantize(xg: Tensor, inv: Tensor, off: Tensor, levels: float, seed: Tensor | None) -> Tensor:
+def quantize(
+    xg: Tensor,
+    inv: Tensor,
+    off: Tensor,
+    levels: float,
+    seed: Tensor | None,
+    rows: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """uint8 codes ``[pre, G, rest]`` of ``xg``: ``clamp(x·inv + off + u, 0, levels)`` with the
-    hash noise of ``seed`` (int64 scalar tensor, folded by :func:`seed32`), or ``u = ½`` (round to
-    nearest) for ``None``. A bf16/fp16 input is read as it is (converted to float32 in
+    table noise of ``seed`` (int64 scalar tensor, folded by :func:`seed32`), or ``u = ½`` (round to
+    nearest) for ``None``; ``x`` is ``(xg − shift)·scale`` for ``rows = (shift, scale)``, as in
+    :func:`group_minmax`. A bf16/fp16 input is read as it is (converted to float32 in
     registers)."""
     lv = torch.tensor(levels, dtype=torch.float32)
+    normalise = () if rows is None else rows
+    suffix = "" if rows is None else "_rows"
     if seed is None:
-        return _call("nearest", xg, inv, off, lv)
-    return _call("stochastic", xg, inv, off, lv, torch.tensor(seed32(int(seed)), dtype=torch.int32))
+        return _call("nearest" + suffix, xg, *normalise, inv, off, lv)
+    pre, groups, rest = xg.shape
+    seed_t = torch.tensor(seed32(int(seed)), dtype=torch.int32)
+    offset = _call("row_offsets", torch.empty(pre * groups, dtype=torch.uint8), seed_t)
+    return _call("stochastic" + suffix, xg, *normalise, inv, off, lv, _table_for(rest), offset)
 
 
 def dequantize(data: Tensor, step: Tensor, minimum: Tensor, dtype: torch.dtype) -> Tensor:
     """``code · step + β`` of uint8 ``[pre, G, rest]`` codes, in ``dtype``."""
     return _call("dequant", data, step, minimum, dtype)
+
+
+def dequantize_rows(
+    data: Tensor, step: Tensor, minimum: Tensor, scale: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """``(code · step + β) · scale[p]`` of uint8 ``[pre, G, rest]`` codes with float32 ``[pre]``
+    per-row scales, in ``dtype`` (a layer norm's input rebuilt from the codes of its normalised
+    values and its per-row standard deviation, for its backward)."""
+    return _call("dequant_rows", data, step, minimum, scale, dtype)
 
 
 def dequantize_affine(data: Tensor, scale: Tensor, offset: Tensor, dtype: torch.dtype) -> Tensor:

@@ -161,7 +161,7 @@ def _as_groups(x: Tensor, layout: GroupLayout) -> Tensor:
     return x.reshape(layout.view_shape(x.shape))
 
 
-def _batch_range(xg: Tensor) -> tuple[Tensor, Tensor]:
+def _batch_range(xg: Tensor, rows: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Per-group ``(range, min)`` of a ``[pre, G, rest]`` tensor, in float32.
 
     One pass over each group: a whole-tensor ``aminmax`` (min and max together) per group is
@@ -177,8 +177,10 @@ def _batch_range(xg: Tensor) -> tuple[Tensor, Tensor]:
         mn, mx = _triton.group_minmax(xg.contiguous())
         return mx - mn, mn
     if _fused_ok(xg):
-        mn, mx = _fused.group_minmax(xg)
+        mn, mx = _fused.group_minmax(xg, rows)
         return mx - mn, mn
+    if rows is not None:
+        raise AssertionError("row normalisation is folded into the fused kernels only")
     if xg.shape[1] <= 16:
         pairs = [torch.aminmax(xg[:, g]) for g in range(xg.shape[1])]
         mn = torch.stack([p[0] for p in pairs]).float()
@@ -289,6 +291,7 @@ def quantize(
     stochastic: bool = True,
     generator: torch.Generator | None = None,
     seed: Tensor | None = None,
+    normalize: tuple[Tensor, Tensor] | None = None,
 ) -> QTensor:
     """Quantise ``x`` per group into ``bits``-bit codes stored as uint8.
 
@@ -307,6 +310,11 @@ def quantize(
         generator: random generator for ``u`` (on ``x``'s device).
         seed: instead of ``generator``, an int64 scalar tensor (see :func:`mix_seed`): ``u``
             is then a function of ``(seed, x)`` alone (the CUDA kernel reads it on the device).
+        normalize: ``(shift, scale)`` broadcastable to ``x``: quantise ``(x − shift)·scale``
+            (computed in float32, or float64 for float64 ``x``; a layer norm's normalised input
+            from its mean and rstd). With one value per row of the grouped view (``[..., 1]``
+            statistics and the last dimension grouped) the fused CPU kernels compute it in
+            registers, never writing the normalised tensor.
 
     Returns:
         The :class:`QTensor`; values outside ``[β, β + α]`` are clamped to the ends.
@@ -320,9 +328,14 @@ def quantize(
     if generator is not None and seed is not None:
         raise ValueError("pass a generator or a seed, not both")
     levels = float(2**bits - 1)
+    rows = None
+    if normalize is not None:
+        x, rows = _normalise(
+            x, layout, normalize, fused=_fused_ok(x) and (seed is not None or not stochastic)
+        )
     xg = _as_groups(x, layout)
     if running_range is None or running_min is None or initialise or update:
-        batch_range, batch_min = _batch_range(xg)
+        batch_range, batch_min = _batch_range(xg, rows)
     if running_range is None or running_min is None:
         rng, mn = batch_range, batch_min
     else:
@@ -349,7 +362,7 @@ def quantize(
             )
         data = _triton.quantize(xg.contiguous(), inv, off, levels, stochastic, seed)
     elif _fused_ok(x) and (seed is not None or not stochastic):
-        data = _fused.quantize(xg, inv, off, levels, seed if stochastic else None)
+        data = _fused.quantize(xg, inv, off, levels, seed if stochastic else None, rows)
     else:  # (x − β)/step + u as one multiply-add, then clamp and truncate to uint8
         v = torch.addcmul(off[None, :, None], xg, inv[None, :, None])
         if stochastic:  # u = (byte + ½)/256: stochastic rounding at 1/256 resolution
@@ -360,7 +373,25 @@ def quantize(
         else:
             v.add_(0.5)
         data = v.clamp_(0.0, levels).to(torch.uint8)  # v ≥ 0 here: truncation = floor
-    return QTensor(data=data, step=step, minimum=minimum, shape=x.shape, dtype=x.dtype)
+    dtype = x.dtype if rows is None else torch.promote_types(x.dtype, torch.float32)
+    return QTensor(data=data, step=step, minimum=minimum, shape=x.shape, dtype=dtype)
+
+
+def _normalise(
+    x: Tensor, layout: GroupLayout, normalize: tuple[Tensor, Tensor], *, fused: bool
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """``x`` and the per-row ``(shift, scale)`` (float32 ``[pre]``) the fused kernels apply, or
+    ``(x − shift)·scale`` computed here and ``None``."""
+    shift, scale = normalize
+    sdt = torch.promote_types(x.dtype, torch.float32)
+    per_row = (
+        x.dim() >= 1
+        and layout.dim == x.dim() - 1
+        and all(t.shape == (*x.shape[:-1], 1) for t in (shift, scale))
+    )
+    if fused and per_row and sdt == torch.float32:
+        return x, (shift.float().reshape(-1), scale.float().reshape(-1))
+    return (x.to(sdt) - shift.to(sdt)).mul_(scale.to(sdt)), None
 
 
 def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -55,6 +55,7 @@ __all__ = [
     "dq_gelu",
     "dq_gelu_backward",
     "dq_layer_norm",
+    "dq_rows",
     "kernel",
     "q",
     "quantize_internal",
@@ -154,6 +155,8 @@ def _quantize_into(
     momentum: float,
     update: bool,
     stochastic: bool,
+    *,
+    normalize: tuple[Tensor, Tensor] | None = None,
 ) -> QTensor:
     seed_t = None
     if stochastic:
@@ -171,6 +174,7 @@ def _quantize_into(
         bits=bits,
         stochastic=stochastic,
         seed=seed_t,
+        normalize=normalize,
     )
 
 
@@ -212,13 +216,16 @@ def _(x, running_range, running_min, seed, salt, dim, groups, bits, momentum, up
     return codes, x.new_empty(groups, dtype=torch.float32), x.new_empty(groups, dtype=torch.float32)
 
 
-def quantize_internal(x: Tensor, *qargs: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """For ops that quantise inside their kernel (a tensor they compute): the codes and the new
+def quantize_internal(
+    x: Tensor, *qargs: Any, normalize: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """For ops that quantise inside their kernel (a tensor they compute, or ``(x − shift)·scale``
+    for ``normalize``, see :func:`~ev_compress.mesa.quant.quantize`): the codes and the new
     estimates as fresh tensors ``(codes, step, minimum, new_range, new_min)``; the inputs are
     not modified (the op stays functional, as ``register_autograd`` requires)."""
     running_range, running_min, *rest = qargs
     new_range, new_min = running_range.clone(), running_min.clone()
-    qt = _quantize_into(x, new_range, new_min, *rest)
+    qt = _quantize_into(x, new_range, new_min, *rest, normalize=normalize)
     return qt.data, qt.step, qt.minimum, new_range, new_min
 
 
@@ -275,6 +282,19 @@ def dq_gelu_backward(
         return _fused.gelu_backward(g, codes, step, minimum, approximate).reshape(grad.shape)
     x_hat = dq(codes, step, minimum, grad.shape, grad.dtype)
     return torch.ops.aten.gelu_backward(grad, x_hat, approximate=approximate)
+
+
+def dq_rows(
+    codes: Tensor, step: Tensor, minimum: Tensor, shape: Any, dtype: torch.dtype, scale: Tensor
+) -> Tensor:
+    """The dequantised tensor (``shape``, ``dtype``) with each row of the ``[pre, G, rest]`` codes
+    multiplied by its ``scale`` (``pre`` values; each row one row of the last dimension of
+    ``shape``): one pass on the fused CPU path."""
+    if _fused_reads(codes, dtype):
+        rows = scale.float().reshape(-1)
+        return _fused.dequantize_rows(codes, step, minimum, rows, dtype).reshape(shape)
+    x = dq(codes, step, minimum, shape, dtype)
+    return x * scale.to(dtype).reshape(*shape[:-1], 1)
 
 
 def dq_layer_norm(

@@ -5,7 +5,9 @@
   the quantisation range: a token whose values are small (a class token, a padded position)
   would otherwise get few codes, and layer norm's backward multiplies its error by that
   token's large ``rstd``. Backward runs ``aten.native_layer_norm_backward`` on the
-  normalised values with mean 0 and rstd 1, then scales the input gradient by ``rstd``.
+  dequantised normalised values divided by ``rstd`` per token (one pass) with mean 0 and the
+  saved ``rstd``: the input it sees normalises to those values, and its input gradient needs no
+  further scaling.
 * Batch norm saves its input *normalised per channel* by the statistics it normalises with (batch
   statistics in training, the running ones otherwise) in 8 bits (channel groups along dimension
   1), plus the fp32 ``invstd``. With few values per channel (a 1×1 map at batch 4) the variance
@@ -41,6 +43,7 @@ from ev_compress.mesa.ops._library import (
     Derivation,
     autocast_cast,
     dq,
+    dq_rows,
     fake_internal,
     kernel,
     quantize_internal,
@@ -73,9 +76,10 @@ def layer_norm_op(
     with kernel(x.device.type):  # the kernel F.layer_norm runs, plus its statistics
         out, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
     mean, rstd = mean.to(sdt), rstd.to(sdt)
-    xn = (x.to(sdt) - mean).mul_(rstd)
     qargs = (running_range, running_min, seed, salt, qdim, groups, bits, momentum, update)
-    codes, step, minimum, new_range, new_min = quantize_internal(xn, *qargs, stochastic)
+    codes, step, minimum, new_range, new_min = quantize_internal(
+        x, *qargs, stochastic, normalize=(mean, rstd)
+    )
     return out, codes, step, minimum, rstd, new_range, new_min
 
 
@@ -100,18 +104,25 @@ def _layer_norm_backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor | None
     shape, x_dtype, normalized_shape = ctx.meta
     mask = [bool(n) for n in ctx.needs_input_grad[:3]]
     sdt = rstd.dtype
+    per_row = codes.shape[0] == rstd.numel() and codes.shape[1] * codes.shape[2] == shape[-1]
+    if per_row:  # x̂ = (normalised values)/rstd with mean 0: the input gradient is gx
+        x_hat, rstd_arg = dq_rows(codes, step, minimum, shape, sdt, rstd.reciprocal()), rstd
+    else:  # the normalised values with mean 0 and rstd 1: the input gradient is gx·rstd
+        x_hat, rstd_arg = dq(codes, step, minimum, shape, sdt), torch.ones_like(rstd)
     gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
         grad.to(sdt),
-        dq(codes, step, minimum, shape, sdt),
+        x_hat,
         normalized_shape,
         torch.zeros_like(rstd),
-        torch.ones_like(rstd),
+        rstd_arg,
         cast(weight, sdt),
         cast(bias, sdt),
         mask,
     )
+    if mask[0] and not per_row:
+        gx = gx * rstd
     return (
-        (gx * rstd).to(x_dtype) if mask[0] else None,
+        gx.to(x_dtype) if mask[0] else None,
         gw.to(weight.dtype) if mask[1] else None,
         gb.to(bias.dtype) if mask[2] else None,
         *([None] * 12),
