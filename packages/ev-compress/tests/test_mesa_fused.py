@@ -81,17 +81,25 @@ def _i32(v: int) -> torch.Tensor:
 
 def test_noise_field_is_the_table_read_at_hashed_row_offsets() -> None:
     """Element ``(p, g, r)`` gets ``table[(offset + r) mod 2¹⁸]``, ``offset`` the top 18 bits of
-    the lowbias32 hash of the row index XOR the seed XOR the row salt (Python integers); rows
-    near the table's end wrap around."""
+    the lowbias32 hash of the noise row's index XOR the seed XOR the row salt (Python integers);
+    windows near the table's end wrap around, and rows longer than the table are cut into ``c``
+    equal noise rows (``c`` the smallest divisor that makes them fit) so that no entry repeats
+    within a row."""
     table = _fused.noise_table()
-    for shape, seed in (((5, 3, 70), -123456789), ((2, 2, 300_000), 42)):
+    n = _fused.TABLE_SIZE
+    for shape, seed, cut in (((5, 3, 70), -123456789, 1), ((2, 2, 300_000), 42, 2)):
         u = _fused.noise_field(shape, _i32(seed))
         assert u.shape == shape and u.dtype == torch.float32
-        for row in range(shape[0] * shape[1]):
-            offset = _offset(row, seed)
-            index = (offset + torch.arange(shape[2])) % _fused.TABLE_SIZE
-            p, g = divmod(row, shape[1])
-            assert torch.equal(u[p, g], table[index]), row
+        length = shape[2] // cut
+        view = u.reshape(shape[0] * shape[1] * cut, length)
+        for row in range(view.shape[0]):
+            index = (_offset(row, seed) + torch.arange(length)) % n
+            assert torch.equal(view[row], table[index]), row
+        if shape[2] > n:  # within a long row no entry comes back at the table's period
+            assert not torch.equal(u[0, 0, : shape[2] - n], u[0, 0, n:])
+    # 2¹⁸ + 1 = 5 · 52429; 2¹⁸ + 3 is prime: one element per noise row
+    split = [_fused._split(r) for r in (1, n, n + 1, n + 3, 300_000, 263_169)]
+    assert split == [1, 1, 5, n + 3, 2, 3]
 
 
 def test_noise_field_rows_are_spread_and_uncorrelated() -> None:
@@ -155,6 +163,22 @@ def test_fused_quantize_matches_the_formula(dtype: torch.dtype) -> None:
     assert torch.equal(lo, xg.float().amin(dim=(0, 2))) and torch.equal(
         hi, xg.float().amax(dim=(0, 2))
     )
+
+
+@needs_fused
+def test_fused_quantize_of_rows_longer_than_the_table() -> None:
+    """A row longer than the noise table (a large attention map or feature map per group) is
+    quantised with the noise of :func:`noise_field`, which cuts it into noise rows that fit."""
+    g = torch.Generator().manual_seed(6)
+    xg = torch.randn(1, 2, 300_000, generator=g) * torch.tensor([1.0, 3.0])[:, None]
+    inv, off = torch.tensor([30.0, 10.0]), torch.tensor([128.0, 128.0])
+    seed = torch.tensor(31337)
+    codes = _fused.quantize(xg, inv, off, 255.0, seed)
+    u = _fused.noise_field(tuple(xg.shape), _i32(_fused.seed32(31337))).double()
+    v = xg.double() * inv.double()[None, :, None] + off.double()[None, :, None]
+    diff = (codes.double() - (v + u).clamp(0, 255).floor()).abs()
+    assert codes.shape == xg.shape and float(diff.max()) <= 1
+    assert float((diff > 0).double().mean()) < 1e-4
 
 
 @needs_fused
@@ -370,3 +394,29 @@ def test_row_normalisation_in_the_kernels_gives_the_codes_of_the_normalised_tens
     q2 = quantize(x, layout, normalize=(mean2, torch.ones_like(mean2)), seed=torch.tensor(5))
     ref2 = quantize(x.float() - mean2, layout, seed=torch.tensor(5))
     assert torch.equal(q2.data, ref2.data)
+
+
+@needs_fused
+def test_fused_layer_norm_backward_matches_the_formula_on_its_codes() -> None:
+    """The layer-norm op's backward on the fused path (input rebuilt as normalised codes / rstd,
+    the true rstd given to ``native_layer_norm_backward``) against the layer-norm gradient
+    written out in float64 on the dequantised normalised values."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(64, 128, 64, generator=g) * 3 + 1).requires_grad_()  # 2¹⁹ elements
+    w = torch.randn(64, generator=g).requires_grad_()
+    b = torch.randn(64, generator=g).requires_grad_()
+    nan = torch.full((8,), float("nan"))
+    out, codes, step, minimum, rstd, _, _ = torch.ops.ev_mesa.layer_norm(
+        x, w, b, [64], 1e-5, nan, nan.clone(), torch.tensor(3), 0, 2, 8, 8, 0.1, True, True
+    )
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    xn = codes.double() * step.double()[None, :, None] + minimum.double()[None, :, None]
+    xn = xn.reshape(x.shape)
+    gd, r = grad.double(), rstd.double()
+    gxn = gd * w.detach().double()
+    gx = r * (gxn - gxn.mean(-1, keepdim=True) - xn * (gxn * xn).mean(-1, keepdim=True))
+    for got, ref in ((x.grad, gx), (w.grad, (gd * xn).sum((0, 1))), (b.grad, gd.sum((0, 1)))):
+        assert got is not None
+        rel = float((got.double() - ref).norm() / ref.norm())
+        assert rel < 1e-5, rel

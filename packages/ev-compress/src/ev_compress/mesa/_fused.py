@@ -21,18 +21,21 @@ lowbias32 hash of ``k XOR 0x2545F491``), extended periodically. Row ``i`` of ``[
 ``rest`` consecutive entries from an offset, the top 18 bits of the lowbias32 hash of
 ``i XOR seed XOR 0x5BD1E995`` (32-bit wrap-around arithmetic, logical shifts; the seed folds to 32
 bits a hash of the model's step counter and the call, :func:`~ev_compress.mesa.quant.mix_seed`;
-:func:`noise_field`). The quantise loop thus loads its noise with vector loads: hashing every
+:func:`noise_field`); rows longer than the table are cut into equal noise rows that fit, so that
+no row repeats an entry. The quantise loop thus loads its noise with vector loads: hashing every
 element in the loop made the bf16 kernel 2.5× slower (inductor widens a bf16 kernel to two
 registers per value and converts two-register int32 vectors to float one lane at a time), and
 hashing a fresh table per call cost ~0.25 ms a call (BENCHMARKS.md). An offset is uniform over
 the table, so an element's noise is uniform over the grid and drawn anew for each seed; as the
-table holds every grid value once, the rounding is unbiased to 2⁻¹⁸ of a step whatever its order
-(a table of hashed values would keep its own sampling error, ~2⁻¹⁰, for the whole run). Two rows
-share an entry only where their windows overlap, at different positions of the row (for ``rest``
-≪ :data:`TABLE_SIZE` a pair of rows starts at the same offset with probability 2⁻¹⁸). The noise is
-a function of the seed and the element's position only: the same on any number of threads, in
-eager and compiled models alike, and no generator state is kept. The resolution is 2⁻¹⁸ (the
-torch path's is 2⁻⁸).
+table holds every grid value once, the rounding is unbiased to the grid's 2⁻¹⁸ of a step plus the
+float32 rounding of ``x·inv + off + u`` (up to 2⁻¹⁶ of a step for codes above 128), whatever the
+table's order (a table of hashed values would keep its own sampling error, ~2⁻¹⁰, for the whole
+run). Within one call the noise is less independent than a hash per element: a call draws from
+only 2¹⁸ values, two rows start at the same offset with probability 2⁻¹⁸ (of ``R`` rows about
+``R²/2¹⁹`` pairs do, and get the same noise vector) and overlapping windows share entries at
+shifted positions. That adds variance across elements, not bias. The noise is a function of the
+seed and the element's position only: the same on any number of threads, in eager and compiled
+models alike, and no generator state is kept. The resolution is 2⁻¹⁸ (the torch path's is 2⁻⁸).
 
 The kernels are compiled on first use with ``dynamic=True`` (one kernel per dtype and rounding
 mode for every shape) and ``cpp.dynamic_threads`` (OpenMP's thread count read at run time, so
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import types
 from collections.abc import Callable
@@ -90,7 +94,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Largest tensor (elements) the kernels take: the noise is indexed with 32-bit integers.
 MAX_NUMEL = (1 << 31) - 1
 
-#: Entries of the noise table (1 MiB of float32, within a core's L2 cache); row offsets into it
+#: Entries of the noise table (1 MiB of float32, kept twice over so that windows wrap); row offsets into it
 #: are drawn from ``[0, TABLE_SIZE)``.
 TABLE_SIZE = 1 << 18
 _TABLE_BITS = 18
@@ -124,29 +128,52 @@ def _lowbias32(z: Tensor) -> Tensor:
 
 
 @functools.cache
-def noise_table() -> Tensor:
-    """The 2¹⁸ noise values (float32): ``(k + ½)/2¹⁸`` for ``k = 0 … 2¹⁸ − 1`` ordered by
-    ``lowbias32(k XOR 0x2545F491)`` read as an unsigned 32-bit integer (computed once)."""
-    k = torch.arange(TABLE_SIZE, dtype=torch.int32)
+def _base_table() -> Tensor:
+    k = torch.arange(TABLE_SIZE, dtype=torch.int32, device="cpu")
     order = torch.argsort(_lowbias32(k ^ _TABLE_SEED).long() & 0xFFFFFFFF)
     return (order.to(torch.float32) + 0.5) * (1.0 / TABLE_SIZE)
 
 
+def noise_table() -> Tensor:
+    """The 2¹⁸ noise values (float32, a copy): ``(k + ½)/2¹⁸`` for ``k = 0 … 2¹⁸ − 1`` ordered by
+    ``lowbias32(k XOR 0x2545F491)`` read as an unsigned 32-bit integer (computed once)."""
+    return _base_table().clone()
+
+
 @functools.cache
-def _periodic_table(copies: int) -> Tensor:
-    return noise_table().repeat(copies)
+def _periodic_table() -> Tensor:
+    """The table twice over (2 MiB): a window of up to :data:`TABLE_SIZE` entries from any offset
+    in ``[0, TABLE_SIZE)`` wraps around."""
+    return _base_table().repeat(2)
 
 
-def _table_for(rest: int) -> Tensor:
-    """:func:`noise_table` repeated to at least ``TABLE_SIZE + rest − 1`` entries."""
-    return _periodic_table(-(-(TABLE_SIZE + rest - 1) // TABLE_SIZE))
+@functools.cache
+def _split(rest: int) -> int:
+    """Into how many noise rows a row of ``rest`` elements is cut: the smallest divisor of
+    ``rest`` leaving rows of at most :data:`TABLE_SIZE` elements (a longer window would repeat
+    the table inside the row)."""
+    need = -(-rest // TABLE_SIZE)
+    if need == 1:
+        return 1
+    divisors: set[int] = set()
+    for d in range(1, math.isqrt(rest) + 1):
+        if rest % d == 0:
+            divisors.update((d, rest // d))
+    return min(d for d in divisors if d >= need)
+
+
+def _noise_shape(shape: Any) -> tuple[int, int, int]:
+    """``[pre, G, rest]`` as the noise reads it: ``[pre, G·c, rest/c]``, ``c = _split(rest)``."""
+    pre, groups, rest = shape
+    c = _split(rest)
+    return pre, groups * c, rest // c
 
 
 def _row_offsets_kernel(rows: Tensor, seed: Tensor) -> Tensor:
     """Each row's offset into the noise table (int32 ``[rows]``, in ``[0, TABLE_SIZE)``) for an
     int32 scalar ``seed``; ``rows`` is read for its size only (it stays symbolic where an integer
     would be specialised)."""
-    row = torch.arange(rows.shape[0], dtype=torch.int32)
+    row = torch.arange(rows.shape[0], dtype=torch.int32, device="cpu")
     return _shr(_lowbias32(row ^ (seed ^ _ROW_SALT)), 32 - _TABLE_BITS)
 
 
@@ -158,12 +185,15 @@ def _windows(table: Tensor, offset: Tensor, shape: Any) -> Tensor:
 
 
 def noise_field(shape: tuple[int, int, int], seed: Tensor) -> Tensor:
-    """The noise the stochastic kernel adds to a ``[pre, G, rest]`` tensor (float32, ``shape``):
-    element ``(p, g, r)`` gets ``noise_table()[(offset[p·G + g] + r) mod 2¹⁸]``, the offsets the
-    top 18 bits of the lowbias32 hash of ``(p·G + g) XOR seed XOR 0x5BD1E995`` (int32 ``seed``,
-    as :func:`seed32` folds it)."""
-    rows = torch.empty(shape[0] * shape[1], dtype=torch.uint8)
-    return _windows(_table_for(shape[2]), _row_offsets_kernel(rows, seed), shape)
+    """The noise the stochastic kernel adds to a ``[pre, G, rest]`` tensor (float32, ``shape``).
+    Rows longer than :data:`TABLE_SIZE` are first cut into ``c`` equal noise rows (``c`` the
+    smallest divisor of ``rest`` that makes them fit), ``[pre, G·c, rest/c]``; element ``(p, j, r)``
+    of that view gets ``noise_table()[(offset[p·G·c + j] + r) mod 2¹⁸]``, the offsets the top 18
+    bits of the lowbias32 hash of the noise row's index XOR ``seed`` XOR ``0x5BD1E995`` (int32
+    ``seed``, as :func:`seed32` folds it)."""
+    view = _noise_shape(shape)
+    rows = torch.empty(view[0] * view[1], dtype=torch.uint8)
+    return _windows(_periodic_table(), _row_offsets_kernel(rows, seed), view).reshape(shape)
 
 
 def _minmax_kernel(xg: Tensor) -> tuple[Tensor, Tensor]:
@@ -293,11 +323,20 @@ def status() -> str | None:
         seed = torch.tensor(12345, dtype=torch.int32)
         u = noise_field((3, 2, 5), seed)
         offset = _call("row_offsets", torch.empty(6, dtype=torch.uint8), seed)
-        codes = _call("stochastic", xg, inv, off, levels, _table_for(5), offset)
+        codes = _call("stochastic", xg, inv, off, levels, _periodic_table(), offset)
         ref = (xg * inv[None, :, None] + off[None, :, None] + u).clamp(0, 255)
         ok = (codes.float() - ref.floor()).abs().max() <= 1  # FMA may move a code by one
         mn, mx = _call("minmax", xg)
         ok = ok and torch.equal(mn, xg.amin(dim=(0, 2))) and torch.equal(mx, xg.amax(dim=(0, 2)))
+        shift, scale = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.0, 0.5, 0.25])
+        xn = (xg - shift[:, None, None]) * scale[:, None, None]
+        rows = _call(
+            "stochastic_rows", xg, shift, scale, inv, off, levels, _periodic_table(), offset
+        )
+        ref = _call("stochastic", xn, inv, off, levels, _periodic_table(), offset)
+        ok = ok and (rows.int() - ref.int()).abs().max() <= 1
+        mn, mx = _call("minmax_rows", xg, shift, scale)
+        ok = ok and torch.equal(mn, xn.amin(dim=(0, 2))) and torch.equal(mx, xn.amax(dim=(0, 2)))
     except Exception as exc:  # no C++ compiler, unsupported platform, ...: say why
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         return f"inductor could not build the CPU kernels ({type(exc).__name__}: {first})"
@@ -345,15 +384,20 @@ def quantize(
     nearest) for ``None``; ``x`` is ``(xg − shift)·scale`` for ``rows = (shift, scale)``, as in
     :func:`group_minmax`. A bf16/fp16 input is read as it is (converted to float32 in
     registers)."""
-    lv = torch.tensor(levels, dtype=torch.float32)
+    lv = torch.tensor(levels, dtype=torch.float32, device="cpu")
     normalise = () if rows is None else rows
     suffix = "" if rows is None else "_rows"
     if seed is None:
         return _call("nearest" + suffix, xg, *normalise, inv, off, lv)
     pre, groups, rest = xg.shape
+    view = _noise_shape(xg.shape)
+    c = view[1] // groups
+    if c > 1:  # long rows: groups repeated c times, each on rows of rest/c elements
+        xg, inv, off = xg.reshape(view), inv.repeat_interleave(c), off.repeat_interleave(c)
     seed_t = torch.tensor(seed32(int(seed)), dtype=torch.int32)
-    offset = _call("row_offsets", torch.empty(pre * groups, dtype=torch.uint8), seed_t)
-    return _call("stochastic" + suffix, xg, *normalise, inv, off, lv, _table_for(rest), offset)
+    offset = _call("row_offsets", torch.empty(view[0] * view[1], dtype=torch.uint8), seed_t)
+    codes = _call("stochastic" + suffix, xg, *normalise, inv, off, lv, _periodic_table(), offset)
+    return codes.view(pre, groups, rest)
 
 
 def dequantize(data: Tensor, step: Tensor, minimum: Tensor, dtype: torch.dtype) -> Tensor:

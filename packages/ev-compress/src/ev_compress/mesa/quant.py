@@ -34,7 +34,7 @@ Layouts (which dimension is grouped):
 On CUDA with Triton available the quantise/dequantise element passes run as fused Triton
 kernels (:mod:`ev_compress.mesa._triton`); on the CPU, calls seeded by a tensor (what a converted
 model makes) run as one-pass kernels compiled by inductor (:mod:`ev_compress.mesa._fused`, with
-their own counter-based noise) when a C++ compiler is available; elsewhere they are vectorised
+their own noise, a function of the seed and the element's position) when a C++ compiler is available; elsewhere they are vectorised
 torch.
 """
 
